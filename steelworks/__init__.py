@@ -1,0 +1,2 @@
+"""steelworks."""
+__version__ = "0.1.0"

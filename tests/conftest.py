@@ -1,0 +1,63 @@
+"""Shared fixtures: a tokenizer trained here and a 2-layer model, both tiny and offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+TINY_TEXTS = [
+    "北京是中国的首都。上海是一座大城市。你好，世界！",
+    "The quick brown fox jumps over the lazy dog. Hello world!",
+    "答案是A。以下是中国关于地理考试的单项选择题，请选出其中的正确答案。",
+    "def add(a, b):\n    return a + b\n",
+    "我是一个语言模型。I am a language model trained from scratch.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from steelworks.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(TINY_TEXTS * 20, vocab_size=512, out_dir=out, min_frequency=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A randomly initialised 2-layer Qwen2 saved as a standard HF directory with tokenizer."""
+    from steelworks.data.tokenizer import load_tokenizer
+    from steelworks.train.config import ModelConfig
+    from steelworks.train.models import build_hf_config, build_model
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    out = tmp_path_factory.mktemp("tiny_model")
+    cfg = build_hf_config(ModelConfig(size="tiny"), len(tok), tok.pad_token_id, tok.eos_token_id)
+    model = build_model(cfg, seed=0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray session for the whole test run (starting Ray costs seconds on 2 cores)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        # Never attach to a cluster a developer happens to have running (`ray start`).
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 address="local", configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.exists():
+        pytest.skip(f"../shared is absent ({SHARED}); these tests need its samples")
+    return SHARED
