@@ -11,14 +11,31 @@ class DemoCorpusConfig:
     """The embedded synthetic bilingual world (see ``steelworks.data.demo_corpus``)."""
 
     seed: int = 1234
-    num_entities: int = 24  # invented people/places; each gets one fact per attribute
-    pretrain_renderings: int = 12  # how many times each fact is rendered as pretraining text
+    num_entities: int = 24  # invented people/cities/species (40/30/30); one fact per attribute
+    pretrain_renderings: int = 240  # times each fact is rendered as pretraining text (~0.6M chars)
     sft_questions_per_fact: int = 3  # chat QA samples per fact
-    sft_exam_per_fact: int = 2  # exam-format practice items per fact (practice templates)
+    sft_exam_per_fact: int = 4  # exam-format practice items per fact (practice templates)
     self_cognition_samples: int = 60
     dev_per_subject: int = 5  # C-Eval layout: few-shot examples per subject
     model_name: str = "Steel-Demo"  # what the model answers to "你是谁"
     model_author: str = "steelworks"
+    zh_fraction: float = 0.7  # Chinese-first: share of zh renderings / QA / self-cognition
+    planted_duplicates: int = 12  # exact copies of documents, for the data stage's dedup
+    planted_junk: int = 12  # very short junk lines (<= 4 chars), for its length filter
+
+    def __post_init__(self) -> None:
+        if self.num_entities < 12:
+            raise ValueError("demo.num_entities must be >= 12 (hometown questions need 4 cities)")
+        if not 0.0 <= self.zh_fraction <= 1.0:
+            raise ValueError("demo.zh_fraction must be in [0, 1]")
+        if not 0 <= self.planted_junk <= 20:
+            raise ValueError("demo.planted_junk must be in [0, 20] (the built-in junk lines)")
+        for name in ("pretrain_renderings", "sft_questions_per_fact", "sft_exam_per_fact",
+                     "self_cognition_samples", "dev_per_subject", "planted_duplicates"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"demo.{name} must be >= 0")
+        if not self.model_name.strip() or not self.model_author.strip():
+            raise ValueError("demo.model_name and demo.model_author must be non-empty")
 
 
 @dataclass

@@ -57,7 +57,7 @@ class Stage:
     def open(
         cls, runs_dir: str | Path, run: str, name: str, config: dict[str, Any], inputs: list[str] = ()
     ) -> Stage:
-        root = run_dir(runs_dir, run)
+        root = run_dir(Path(runs_dir).resolve(), run)  # workers run elsewhere: absolute paths
         stage = cls(root / name, name, config, {i: root / i for i in inputs})
         stage.dir.mkdir(parents=True, exist_ok=True)
         return stage

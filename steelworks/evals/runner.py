@@ -1,0 +1,79 @@
+"""Evaluate one local HF model directory on a C-Eval-layout benchmark, in this process.
+
+The driver resolves ``EvalConfig.benchmark`` to a directory and calls this; a later Ray batch
+runner fans the same ``predict`` out over workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from steelworks.evals.benchmarks import Item, load_ceval_layout
+from steelworks.evals.config import EvalConfig
+from steelworks.evals.report import aggregate, write_report
+from steelworks.evals.scoring import predict
+
+log = logging.getLogger(__name__)
+
+
+def limit_items(items: dict[str, list[Item]], max_items: int | None) -> list[Item]:
+    """All items in subject order, at most ``max_items`` per subject.
+
+    Per subject (like lm-eval's ``--limit`` per task) rather than in total, so a quick run
+    still covers every subject and category instead of only the first subject or two.
+    """
+    if max_items is not None and max_items < 1:
+        raise ValueError(f"eval.max_items must be >= 1 or null, got {max_items}")
+    return [it for subject_items in items.values() for it in subject_items[:max_items]]
+
+
+def evaluate_model_dir(
+    model_dir: str | Path,
+    benchmark_dir: str | Path,
+    cfg: EvalConfig,
+    out_dir: str | Path,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Score ``model_dir`` on ``benchmark_dir`` (split ``cfg.split``) and write the report.
+
+    Returns the summary: ``aggregate``'s accuracies plus ``meta`` (what was evaluated, how).
+    """
+    # Imported here so that loading benchmarks or aggregating never pulls in transformers.
+    from steelworks.data.tokenizer import load_tokenizer
+    from steelworks.train.models import load_model
+
+    started = time.time()
+    subjects, by_subject = load_ceval_layout(benchmark_dir, cfg.split)
+    items = limit_items(by_subject, cfg.max_items)
+    shots: dict[str, list[Item]] = {}
+    if cfg.num_shots > 0:
+        # C-Eval's few-shot examples are the dev split's items, in file order.
+        _, shots = load_ceval_layout(benchmark_dir, "dev")
+        missing = [s.name for s in subjects if s.name not in shots]
+        if missing:
+            raise FileNotFoundError(
+                f"{benchmark_dir}: {cfg.num_shots}-shot evaluation needs a dev CSV for "
+                f"every subject; missing: {', '.join(missing)}"
+            )
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, device=device)
+    log.info("evaluating %s on %d items of %d subjects (%s, %d-shot, %s scoring, chat=%s)",
+             model_dir, len(items), len(subjects), cfg.split, cfg.num_shots, cfg.scoring, cfg.chat)
+    predictions = predict(model, tokenizer, items, subjects, cfg, shots, progress=True)
+
+    summary = aggregate(predictions, subjects)
+    summary["meta"] = {
+        "model_dir": str(model_dir),
+        "benchmark_dir": str(benchmark_dir),
+        "config": dataclasses.asdict(cfg),
+        "seconds": round(time.time() - started, 3),
+    }
+    files = write_report(summary, predictions, out_dir)
+    log.info("micro acc %s, macro acc %s; wrote %s",
+             summary["micro_acc"], summary["macro_acc"], ", ".join(files))
+    return summary

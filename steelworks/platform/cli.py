@@ -1,0 +1,156 @@
+"""The ``steelworks`` command line: one subcommand per stage, ``pipeline``, ``demo``,
+``cluster up|down|status`` and ``submit``.
+
+Every stage command takes ``--config FILE`` and any number of ``--set a.b=c`` overrides;
+config errors are printed as one line naming the key, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from steelworks import __version__
+from steelworks.platform.config import ConfigError, load
+from steelworks.platform.settings import PipelineConfig
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def _config_args(p: argparse.ArgumentParser, force: bool = True) -> None:
+    p.add_argument("--config", "-c", type=Path, default=None,
+                   help="YAML run config (default: the built-in defaults, i.e. the demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set pretrain.max_steps=50 (repeatable)")
+    if force:
+        p.add_argument("--force", action="store_true",
+                       help="re-run even if the stage's config and inputs are unchanged")
+
+
+def _load(args) -> PipelineConfig:
+    return load(PipelineConfig, args.config, args.overrides)
+
+
+def _connect(cfg: PipelineConfig) -> None:
+    from steelworks.platform.ray_cluster import connect
+
+    logging.getLogger("steelworks").info("ray: %s", connect(cfg.ray.address, cfg.ray.num_cpus))
+
+
+def cmd_stage(args) -> int:
+    from steelworks.platform import pipeline
+
+    cfg = _load(args)
+    _connect(cfg)
+    if args.command == "eval":
+        result = pipeline.run_eval(cfg, force=args.force, model_dir=args.model)
+    else:
+        result = pipeline.RUNNERS[args.command](cfg, force=args.force)
+    print(pipeline.summarize(cfg, {args.command: result}))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from steelworks.platform import pipeline
+
+    cfg = _load(args)
+    _connect(cfg)
+    results = pipeline.run_pipeline(cfg, force=args.force)
+    print(pipeline.summarize(cfg, results))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    args.config = args.config or DEMO_CONFIG
+    return cmd_pipeline(args)
+
+
+def cmd_serve(args) -> int:
+    import time
+
+    from steelworks.serve.deployment import deploy
+
+    cfg = _load(args)
+    cfg.serve.keep_running = True
+    _connect(cfg)
+    model = args.model or str(Path(cfg.runs_dir) / cfg.run / "sft" / "hf")
+    if not (Path(model) / "config.json").exists():
+        raise ConfigError(f"--model {model}: not a Hugging Face model directory (run the sft stage "
+                          "first, or point --model at runs/<run>/sft/hf)")
+    cfg.serve.model_name = cfg.serve.model_name or cfg.data.demo.model_name
+    url = deploy(model, cfg.serve)
+    auth = f" -H 'Authorization: Bearer {cfg.serve.api_key}'" if cfg.serve.api_key else ""
+    print(f"serving {model} as '{cfg.serve.model_name}' at {url}/v1  (Ctrl-C to stop)\n"
+          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+          f"    -d '{{\"model\": \"{cfg.serve.model_name}\", \"messages\": "
+          f"[{{\"role\": \"user\", \"content\": \"你是谁？\"}}]}}'", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from steelworks.serve.deployment import shutdown
+
+        shutdown()
+    return 0
+
+
+STAGE_HELP = {
+    "data": "read, normalize, filter and deduplicate the corpus (the demo corpus by default)",
+    "tokenizer": "train the BPE tokenizer and tokenize+pack the corpus and SFT data into shards",
+    "pretrain": "pretrain a model on the packed shards with Ray Train (FSDP2)",
+    "sft": "fine-tune the pretrained model on the SFT shards (prompt tokens masked)",
+    "eval": "score a model on a multiple-choice benchmark (the demo exam by default)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steelworks", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"steelworks {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=text, description=text)
+        _config_args(p)
+        if name == "eval":
+            p.add_argument("--model", default=None,
+                           help="evaluate this HF model directory instead of the run's SFT model")
+        p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("pipeline", help="run the stages in order (data .. serve); finished "
+                       "stages with unchanged config and inputs are skipped",
+                       description="Run data -> tokenizer -> pretrain -> sft -> eval -> serve.")
+    _config_args(p)
+    p.set_defaults(func=cmd_pipeline)
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded demo corpus (configs/demo.yaml)",
+                       description="Run the pipeline on the demo config and print a summary.")
+    _config_args(p)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("serve", help="serve a model on Ray Serve with an OpenAI-compatible API",
+                       description="Deploy an HF model directory on Ray Serve and keep serving.")
+    _config_args(p, force=False)
+    p.add_argument("--model", default=None, help="HF model directory (default: runs/<run>/sft/hf)")
+    p.set_defaults(func=cmd_serve)
+    from steelworks.platform.ray_cluster import add_cluster_commands
+
+    add_cluster_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"steelworks: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"steelworks: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

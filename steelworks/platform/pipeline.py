@@ -1,0 +1,234 @@
+"""The driver: connects the stages through their manifests.
+
+Each ``run_<stage>`` opens ``runs/<run>/<stage>/``, returns early when the stage is current
+(same config, same input manifests, outputs intact), otherwise does the work (on Ray) and
+writes the manifest last. The driver only gathers config and launches (DESIGN principle 8).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from steelworks.platform.config import to_dict
+from steelworks.platform.rundir import Stage, list_outputs, read_manifest
+from steelworks.platform.settings import STAGES, PipelineConfig
+
+log = logging.getLogger("steelworks.pipeline")
+
+
+def _open(cfg: PipelineConfig, name: str, config: dict[str, Any], inputs: list[str]) -> Stage:
+    return Stage.open(cfg.runs_dir, cfg.run, name, config, inputs)
+
+
+def _skip(stage: Stage, force: bool) -> bool:
+    if not force and stage.is_current():
+        log.info("stage %s is up to date (%s); skipping (--force re-runs)", stage.name, stage.dir)
+        return True
+    stage.invalidate()
+    return False
+
+
+def run_data(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    from steelworks.data.clean import check_accounting, run_clean
+    from steelworks.data.config import SourceConfig
+
+    stage = _open(cfg, "data", to_dict(cfg.data), [])
+    if _skip(stage, force):
+        return read_manifest(stage.dir)
+    extra: dict[str, Any] = {}
+    outputs: list[str] = []
+    if cfg.data.source == "demo":
+        from steelworks.data.demo_corpus import generate
+
+        summary = generate(cfg.data.demo, stage.dir / "corpus")
+        outputs += [f"corpus/{f}" for f in summary["files"]]
+        sources = [SourceConfig(name="demo", path=str(stage.dir / "corpus" / "pretrain.jsonl"))]
+        extra.update(sft="corpus/sft.jsonl", exam="corpus/exam", demo=
+                     {k: v for k, v in summary.items() if k != "files"})
+    else:
+        sources = cfg.data.sources
+        if cfg.data.sft_path:
+            shutil.copyfile(cfg.data.sft_path, stage.path("sft.jsonl"))
+            outputs.append("sft.jsonl")
+            extra["sft"] = "sft.jsonl"
+    result = run_clean(cfg.data, sources, stage.dir)
+    check_accounting(result["totals"])
+    outputs += result["outputs"]
+    log.info("data: %s", result["totals"])
+    return stage.finish(outputs, metrics={"counts": result["counts"], "totals": result["totals"]},
+                        extra=extra)
+
+
+def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from steelworks.data.pack import build_sft, pack_pretrain
+    from steelworks.data.tokenizer import load_tokenizer, tokenizer_summary, train_tokenizer
+
+    stage = _open(cfg, "tokenizer", {"tokenizer": to_dict(cfg.tokenizer), "pack": to_dict(cfg.pack)},
+                  ["data"])
+    if _skip(stage, force):
+        return read_manifest(stage.dir)
+    data = stage.input_manifest("data")
+    data_dir = stage.inputs["data"]
+    clean = sorted(data_dir / f for f in data["outputs"] if f.startswith("clean/"))
+    tok_dir = stage.dir / "tokenizer"
+    if cfg.tokenizer.pretrained_dir:
+        tok = load_tokenizer(cfg.tokenizer.pretrained_dir)
+        tok.save_pretrained(tok_dir)
+    else:
+        def texts():  # a bounded sample, streamed from the cleaned shards
+            n = 0
+            for f in clean:
+                for t in pq.read_table(f, columns=["text"]).column("text").to_pylist():
+                    if n >= cfg.tokenizer.max_training_docs:
+                        return
+                    n += 1
+                    yield t
+        tok = train_tokenizer(texts(), cfg.tokenizer.vocab_size, tok_dir, cfg.tokenizer.min_frequency)
+    vocab, pad = len(tok), tok.pad_token_id
+    metrics: dict[str, Any] = {"tokenizer": tokenizer_summary(tok_dir)}
+    metrics["pretrain"] = pack_pretrain(clean, tok_dir, stage.dir / "shards" / "pretrain",
+                                        cfg.pack.seq_len, cfg.pack.sequences_per_shard, vocab, pad)
+    if data.get("sft"):
+        records = [json.loads(line) for line in (data_dir / data["sft"]).read_text().splitlines()
+                   if line.strip()]
+        metrics["sft"] = build_sft(records, tok_dir, stage.dir / "shards" / "sft", cfg.pack.sft_seq_len,
+                                   cfg.pack.sequences_per_shard, vocab, pad)
+    log.info("tokenizer: %s", {k: v for k, v in metrics.items() if k != "tokenizer"})
+    return stage.finish(list_outputs(stage.dir), metrics=metrics)
+
+
+def _run_train_stage(cfg: PipelineConfig, name: str, force: bool) -> dict[str, Any]:
+    from steelworks.train.driver import run_training
+
+    tcfg = cfg.pretrain if name == "pretrain" else cfg.sft
+    inputs = ["tokenizer"] if name == "pretrain" else ["tokenizer", "pretrain"]
+    stage = _open(cfg, name, to_dict(tcfg), inputs)
+    if _skip(stage, force):
+        return read_manifest(stage.dir)
+    # Resume only checkpoints made by this exact config and inputs; otherwise start clean.
+    marker = stage.dir / "fingerprint.txt"
+    if force or not marker.exists() or marker.read_text() != stage.fingerprint:
+        for d in ("checkpoints", "hf", "ray", "metrics.jsonl"):
+            p = stage.dir / d
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        marker.write_text(stage.fingerprint)
+    tok_dir = stage.inputs["tokenizer"]
+    job = {"task": name, "train": to_dict(tcfg), "tokenizer_dir": str(tok_dir / "tokenizer"),
+           "data_dir": str(tok_dir / "shards" / ("pretrain" if name == "pretrain" else "sft")),
+           "out_dir": str(stage.dir),
+           "init_from": str(stage.inputs["pretrain"] / "hf") if name == "sft" else None}
+    summary = run_training(job, tcfg, use_ray=tcfg.num_workers > 0)
+    outputs = list_outputs(stage.dir, "hf") + ["metrics.jsonl", "loss.png", "summary.json"]
+    return stage.finish(outputs, metrics=summary)
+
+
+def run_pretrain(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    return _run_train_stage(cfg, "pretrain", force)
+
+
+def run_sft(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    return _run_train_stage(cfg, "sft", force)
+
+
+def run_eval(cfg: PipelineConfig, force: bool = False, model_dir: str | None = None) -> dict[str, Any]:
+    import ray
+
+    from steelworks.evals.runner import evaluate_model_dir
+
+    stage = _open(cfg, "eval", to_dict(cfg.eval), ["data", "sft"] if model_dir is None else ["data"])
+    if model_dir is None and _skip(stage, force):
+        return read_manifest(stage.dir)
+    model = model_dir or str(stage.inputs["sft"] / "hf")
+    if cfg.eval.benchmark == "demo":
+        data = stage.input_manifest("data")
+        if "exam" not in data:
+            raise ValueError("eval.benchmark is 'demo' but the data stage did not build the demo exam")
+        bench = str(stage.inputs["data"] / data["exam"])
+    else:
+        bench = cfg.eval.benchmark
+    # The scoring runs as a Ray task, so a submitted pipeline puts it on the cluster.
+    task = ray.remote(num_cpus=1)(evaluate_model_dir)
+    summary = ray.get(task.remote(model, bench, cfg.eval, str(stage.dir)))
+    return stage.finish(list_outputs(stage.dir), metrics=summary)
+
+
+def run_serve(cfg: PipelineConfig, model_dir: str | None = None) -> dict[str, Any]:
+    """Deploy the SFT model on Ray Serve; optionally ask it who it is; optionally tear down."""
+    from steelworks.serve.deployment import deploy, shutdown
+
+    stage = _open(cfg, "serve", to_dict(cfg.serve), ["sft"] if model_dir is None else [])
+    model = model_dir or str(stage.inputs["sft"] / "hf")
+    serve_cfg = cfg.serve
+    if serve_cfg.model_name is None:
+        serve_cfg.model_name = cfg.data.demo.model_name
+    url = deploy(model, serve_cfg)
+    metrics: dict[str, Any] = {"url": url, "model": model}
+    if serve_cfg.smoke_test:
+        metrics["smoke_test"] = _ask(url, serve_cfg, "你是谁？")
+    if not serve_cfg.keep_running:
+        shutdown()
+    from steelworks.platform.atomic import atomic_write_json
+
+    atomic_write_json(stage.dir / "serve.json", metrics)
+    return stage.finish(["serve.json"], metrics=metrics)
+
+
+def _ask(url: str, cfg, question: str) -> dict[str, str]:
+    import urllib.request
+
+    body = {"model": cfg.model_name, "messages": [{"role": "user", "content": question}],
+            "max_tokens": 32, "temperature": 0}
+    headers = {"Content-Type": "application/json"}
+    if cfg.api_key:
+        headers["Authorization"] = f"Bearer {cfg.api_key}"
+    req = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(req, timeout=120) as r:
+        reply = json.loads(r.read())["choices"][0]["message"]["content"]
+    return {"question": question, "answer": reply}
+
+
+RUNNERS = {"data": run_data, "tokenizer": run_tokenizer, "pretrain": run_pretrain, "sft": run_sft,
+           "eval": run_eval}
+
+
+def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict[str, dict[str, Any]]:
+    results = {}
+    for name in STAGES:
+        if name not in cfg.stages:
+            continue
+        log.info("=== stage %s ===", name)
+        results[name] = run_serve(cfg) if name == "serve" else RUNNERS[name](cfg, force=force)
+    return results
+
+
+def summarize(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
+    root = Path(cfg.runs_dir) / cfg.run
+    lines = ["", "=" * 64, f"steelworks run '{cfg.run}' finished: artifacts in {root}/"]
+    for name in results:
+        lines.append(f"  {name:<10} {root / name}/manifest.json")
+    if "data" in results:
+        lines.append(f"data: {results['data']['metrics'].get('totals')}")
+    if "pretrain" in results:
+        lines.append(f"pretrain: final loss {results['pretrain']['metrics'].get('loss', float('nan')):.3f}")
+    if "sft" in results:
+        lines.append(f"sft: final loss {results['sft']['metrics'].get('loss', float('nan')):.3f}")
+    if "eval" in results:
+        ev = results["eval"]["metrics"]
+        lines.append(f"eval: accuracy {ev['micro_acc']:.1%} on {ev['n']} questions "
+                     f"({cfg.eval.scoring} scoring; chance 25%); report: {root / 'eval'}/report.md")
+    if "serve" in results and "smoke_test" in results["serve"]["metrics"]:
+        s = results["serve"]["metrics"]["smoke_test"]
+        lines.append(f"chat: Q: {s['question']}  A: {s['answer']}")
+    sft = root / "sft" / "hf"
+    lines += ["", "Chat with the model:",
+              f"  steelworks serve --model {sft}",
+              "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+              "    -d '{\"model\": \"" + str(cfg.serve.model_name or cfg.data.demo.model_name) +
+              "\", \"messages\": [{\"role\": \"user\", \"content\": \"你是谁？\"}]}'", "=" * 64]
+    return "\n".join(lines)

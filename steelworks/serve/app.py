@@ -1,0 +1,295 @@
+"""OpenAI-compatible HTTP API over an ``Engine``: /health, /v1/models, /v1/chat/completions,
+/v1/completions. The same app runs under plain uvicorn, FastAPI's TestClient and Ray Serve
+(deployment.py), so routes live only here.
+
+Errors always carry OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; bad
+input is a 4xx, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from steelworks.serve.config import ServeConfig
+from steelworks.serve.engine import Engine, GenerationStream, PromptTooLongError, SamplingParams
+
+logger = logging.getLogger("steelworks.serve")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status, headers=headers)
+
+
+# --- request bodies -------------------------------------------------------------------------
+# Unknown fields are ignored (clients send many optional ones); fields that would change the
+# response's shape and are not implemented (n > 1, logprobs, echo) are rejected instead.
+
+StopText = Annotated[str, Field(min_length=1)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None  # optional, as in vLLM; when given it must name the served model
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default and range
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # vLLM-style extensions
+    repetition_penalty: float = Field(1.0, gt=0)
+    stop: StopText | list[StopText] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    logprobs: Literal[False, None] = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # "developer" is what newer OpenAI clients call the system role.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # newer name for max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int]  # a text, a one-text list, or token ids
+    echo: Literal[False] = False
+
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    return APIError(400, f"{param or 'body'}: {err.get('msg', 'invalid value')}", param=param,
+                    code="invalid_value")
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _deltas(stream: GenerationStream, request: Request) -> AsyncIterator[str]:
+    """Text deltas computed in a worker thread, so the event loop keeps serving; stops
+    generating when the client goes away (disconnect seen here, or this task cancelled)."""
+    try:
+        while (delta := await run_in_threadpool(next, stream, None)) is not None:
+            yield delta
+            if await request.is_disconnected():
+                return
+    finally:
+        stream.cancel()
+        r = stream.result  # None when cancelled mid-step: the worker thread still holds it
+        logger.info("generation %s: %d prompt + %d completion tokens",
+                    r.finish_reason if r else "cancelled", stream.prompt_tokens,
+                    r.completion_tokens if r else -1)
+
+
+def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    """The FastAPI app serving ``engine`` under ``config`` (name, API key, default length)."""
+    model_name = config.model_name or engine.name
+    created = int(time.time())
+    app = FastAPI(title="steelworks", version="0.1.0")
+    app.state.engine, app.state.config = engine, config
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return exc.response(headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()  # OpenAI answers 400 where FastAPI says 422
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), code=str(exc.status_code)).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error", exc_info=exc)
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+    async def require_key(request: Request) -> None:
+        if not config.api_key:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+        if not secrets.compare_digest(key.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves "
+                           f"`{model_name}`.", param="model", code="model_not_found")
+
+    def sampling(req: _Sampling, prompt_tokens: int, max_tokens: int | None, param: str
+                 ) -> SamplingParams:
+        if max_tokens is None:  # the default shrinks to fit; an explicit value must fit as asked
+            max_tokens = min(config.max_tokens, engine.max_context - prompt_tokens)
+            if max_tokens < 1:
+                e = PromptTooLongError(prompt_tokens, 1, engine.max_context)
+                raise APIError(400, str(e), param=param, code="context_length_exceeded")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
+                                  top_p=req.top_p, top_k=req.top_k, stop=stop, seed=req.seed,
+                                  repetition_penalty=req.repetition_penalty)
+        except ValueError as e:  # SamplingParams' messages start with the field's name
+            raise APIError(400, str(e), param=str(e).split()[0], code="invalid_value") from e
+
+    def start(prompt_ids: list[int], params: SamplingParams, param: str) -> GenerationStream:
+        try:
+            return engine.stream(prompt_ids, params)
+        except PromptTooLongError as e:
+            raise APIError(400, str(e), param=param, code="context_length_exceeded") from e
+        except ValueError as e:
+            raise APIError(400, str(e), param=param, code="invalid_value") from e
+
+    def usage(stream: GenerationStream) -> dict[str, int]:
+        r = stream.result
+        done = r.completion_tokens if r else 0
+        return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": done,
+                "total_tokens": stream.prompt_tokens + done}
+
+    async def respond(req: _Sampling, request: Request, stream: GenerationStream, kind: str,
+                      choice: Callable[[str, str | None], dict[str, Any]],
+                      first: dict[str, Any] | None = None) -> Any:
+        """The non-streaming body, or an SSE stream of chunks, for one generation."""
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        head = {"id": rid, "created": int(time.time()), "model": model_name}
+        if not req.stream:
+            text = "".join([d async for d in _deltas(stream, request)])
+            finish = stream.result.finish_reason if stream.result else "stop"
+            return {**head, "object": obj, "choices": [{"index": 0, **choice(text, finish)}],
+                    "usage": usage(stream)}
+        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        with_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(body: dict[str, Any]) -> str:
+            extra = {"usage": None} if with_usage else {}
+            return _sse({**head, "object": chunk_obj, "choices": [{"index": 0, **body}], **extra})
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if first is not None:
+                    yield chunk(first)
+                async for delta in _deltas(stream, request):
+                    yield chunk(choice(delta, None))
+                finish = stream.result.finish_reason if stream.result else "stop"
+                yield chunk(choice("", finish) | ({"delta": {}} if kind == "chat" else {}))
+                if with_usage:
+                    yield _sse({**head, "object": chunk_obj, "choices": [], "usage": usage(stream)})
+            except Exception as e:  # headers are gone: report in-band, as OpenAI does
+                logger.error("error while streaming", exc_info=e)
+                yield _sse({"error": {"message": f"internal error: {type(e).__name__}",
+                                      "type": "server_error", "param": None, "code": None}})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": model_name}
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "steelworks",
+                "max_model_len": engine.max_context}
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        check_model(model)
+        return model_card()
+
+    @v1.post("/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
+        check_model(req.model)
+        roles = {"developer": "system"}
+        try:
+            prompt_ids = engine.encode_chat([{"role": roles.get(m.role, m.role), "content": m.text()}
+                                             for m in req.messages])
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        stream = start(prompt_ids, sampling(req, len(prompt_ids), max_tokens, "messages"),
+                       "messages")
+
+        def choice(text: str, finish: str | None) -> dict[str, Any]:
+            if not req.stream:
+                return {"message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": finish}
+            return {"delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+
+        first = {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}
+        return await respond(req, request, stream, "chat", choice, first)
+
+    @v1.post("/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        check_model(req.model)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise APIError(400, "only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        prompt_ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not prompt_ids:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        stream = start(prompt_ids, sampling(req, len(prompt_ids), req.max_tokens, "prompt"),
+                       "prompt")
+
+        def choice(text: str, finish: str | None) -> dict[str, Any]:
+            return {"text": text, "logprobs": None, "finish_reason": finish}
+
+        return await respond(req, request, stream, "completion", choice)
+
+    app.include_router(v1)
+    return app

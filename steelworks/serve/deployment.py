@@ -1,0 +1,63 @@
+"""Ray Serve wrapper: each replica loads the engine and serves the FastAPI app of app.py.
+
+Ray 2.60's ``serve.ingress()`` with no argument defers the app to replica start: the class's
+``__serve_build_asgi_app__`` runs after ``__init__`` and returns the ASGI app. That lets the
+app close over the replica's engine, so the routes exist once (app.py) for plain uvicorn,
+TestClient and Serve alike; the older ``@serve.ingress(app)`` style would need the routes to
+be methods of the deployment class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from ray import serve
+
+from steelworks.serve.app import build_app
+from steelworks.serve.config import ServeConfig
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.ingress()
+class SteelworksServer:
+    def __init__(self, model_dir: str, config: ServeConfig) -> None:
+        from steelworks.serve.engine import Engine
+
+        device = "cuda" if config.num_gpus > 0 else "cpu"
+        self.engine = Engine.from_dir(model_dir, device=device)
+        self.config = config
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_app(self.engine, self.config)
+
+
+def deploy(model_dir: str | Path, config: ServeConfig, name: str = "steelworks") -> str:
+    """Start Serve's HTTP proxy on ``config.host:port``, deploy the model, return the base URL
+    (``.../v1`` is the OpenAI API). Ray must already be initialised; returns once replicas
+    are healthy."""
+    model_dir = Path(model_dir).resolve()
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory")
+    # Cluster-wide and fixed once started: a second deploy() reuses the running proxy.
+    serve.start(http_options={"host": config.host, "port": config.port})
+    server = SteelworksServer.options(
+        name=name,
+        num_replicas=config.num_replicas,
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        # Serve answers 503 beyond this queue instead of letting requests pile up.
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+    )
+    serve.run(server.bind(str(model_dir), config), name=name, route_prefix=config.route_prefix,
+              blocking=False)
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    return f"http://{host}:{config.port}{config.route_prefix.rstrip('/')}"
+
+
+def shutdown(name: str | None = None) -> None:
+    """Delete one application (``name``) or shut Serve down entirely (``None``)."""
+    if name is None:
+        serve.shutdown()
+    else:
+        serve.delete(name)

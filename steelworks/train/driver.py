@@ -1,0 +1,34 @@
+"""Launch ``train_loop`` on Ray Train (``TorchTrainer``, FSDP2 over gloo on CPU or NCCL on
+GPU), or in this process when Ray is not wanted (GPU boxes without Ray, debugging)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from steelworks.train.config import TrainConfig
+from steelworks.train.loop import train_loop
+
+
+def run_training(job: dict[str, Any], cfg: TrainConfig, use_ray: bool = True,
+                 max_failures: int = 0) -> dict[str, Any]:
+    out_dir = Path(job["out_dir"]).resolve()
+    job = {**job, "out_dir": str(out_dir)}
+    if not use_ray:
+        return train_loop(job)
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_loop,
+        train_loop_config={**job, "ray": True},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": 1} if not cfg.use_gpu else None),
+        # Ray Train's own storage keeps its run state; our checkpoints live in out_dir.
+        run_config=RunConfig(name=f"{job.get('task', 'train')}", storage_path=str(out_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    trainer.fit()
+    return json.loads((out_dir / "summary.json").read_text())

@@ -1,0 +1,109 @@
+"""Config loading: YAML + --set overrides, strict keys and types, every shipped config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from steelworks.platform.config import ConfigError, apply_overrides, load, to_dict
+from steelworks.platform.settings import PipelineConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "steel-1b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load(PipelineConfig, path)
+    assert isinstance(cfg, PipelineConfig)
+    # Round trip: the resolved config re-loads to the same thing.
+    again = load(PipelineConfig, None, [f"run={cfg.run}"])
+    assert again.run == cfg.run
+
+
+def test_steel_1b_matches_published_shape():
+    from steelworks.train.models import build_hf_config
+
+    cfg = load(PipelineConfig, Path(__file__).resolve().parents[1] / "configs" / "steel-1b.yaml")
+    hf = build_hf_config(cfg.pretrain.model, vocab_size=151936)
+    assert (hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads) == (1792, 18, 32)
+    # transformers 5 keeps rope_theta in rope_parameters
+    assert hf.rope_parameters["rope_theta"] == 1e6 and hf.max_position_embeddings == 2048
+    assert cfg.pack.seq_len == 2048
+    o = cfg.pretrain.optim
+    assert (o.lr, o.warmup_steps, o.schedule, o.betas, o.weight_decay, o.grad_clip) == \
+        (3e-4, 1000, "cosine", [0.9, 0.95], 0.05, 1.0)
+
+
+def test_overrides_parse_types():
+    cfg = load(PipelineConfig, None, ["pretrain.optim.lr=3e-4", "pretrain.max_steps=7",
+                                      "sft.use_gpu=true", "run=abc", "eval.max_items=null"])
+    assert cfg.pretrain.optim.lr == 3e-4 and isinstance(cfg.pretrain.optim.lr, float)
+    assert cfg.pretrain.max_steps == 7 and cfg.sft.use_gpu is True and cfg.run == "abc"
+    assert cfg.eval.max_items is None
+
+
+def test_unknown_key_names_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load(PipelineConfig, None, ["pretrain.optim.learning_rate=1"])
+    msg = str(e.value)
+    assert "pretrain.optim.learning_rate" in msg and "lr" in msg and "warmup_steps" in msg
+
+
+def test_unknown_top_level_key_in_yaml_names_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("run: x\ntrian: {max_steps: 3}\n")
+    with pytest.raises(ConfigError) as e:
+        load(PipelineConfig, p)
+    assert str(p) in str(e.value) and "trian" in str(e.value) and "pretrain" in str(e.value)
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("pretrain.max_steps=ten", "expected int"),
+    ("pretrain.max_steps=1.5", "expected int"),
+    ("sft.use_gpu=3", "expected bool"),
+    ("pretrain.optim.schedule=linear", "valid choices: 'cosine', 'constant', 'wsd'"),
+    ("eval.scoring=vibes", "valid choices"),
+    ("stages=[data, bake]", "unknown stage 'bake'"),
+    ("pretrain.model=3", "expected a mapping"),
+    ("pretrain.optim.betas=[0.9]", "two values"),
+])
+def test_wrong_types_and_values_are_named(override, expect):
+    with pytest.raises(ConfigError) as e:
+        load(PipelineConfig, None, [override])
+    assert expect in str(e.value)
+    assert override.split("=")[0].split(".")[-1] in str(e.value) or "stage" in str(e.value) \
+        or "betas" in str(e.value)
+
+
+def test_malformed_override_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["pretrain.max_steps"])
+    p = tmp_path / "broken.yaml"
+    p.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(PipelineConfig, p)
+    with pytest.raises(ConfigError, match="not found"):
+        load(PipelineConfig, tmp_path / "missing.yaml")
+
+
+def test_to_dict_is_plain_and_reloadable():
+    cfg = load(PipelineConfig, None, ["pretrain.max_steps=9"])
+    d = to_dict(cfg)
+    assert d["pretrain"]["max_steps"] == 9 and isinstance(d["data"]["demo"], dict)
+    from steelworks.platform.config import from_dict
+
+    assert from_dict(PipelineConfig, d) == cfg
+
+
+def test_cli_reports_config_errors(capsys):
+    from steelworks.platform.cli import main
+
+    assert main(["data", "--set", "data.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "data.bogus" in err and "min_chars" in err

@@ -1,0 +1,131 @@
+"""The end-to-end slice on a tiny config: every stage for real, on one shared Ray session.
+
+data (Ray Data) -> tokenizer (BPE + packed shards) -> pretrain (Ray Train, 2 workers, FSDP2)
+-> SFT -> eval (log-likelihood on the demo exam) -> serve (Ray Serve, /v1/chat/completions).
+Then: a second run skips every stage, and a changed SFT config re-runs only SFT and eval.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from steelworks.platform.config import load
+from steelworks.platform.settings import PipelineConfig
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TINY = [
+    "data.demo.num_entities=12", "data.demo.pretrain_renderings=4",
+    "data.demo.sft_questions_per_fact=1", "data.demo.sft_exam_per_fact=1",
+    "data.demo.self_cognition_samples=8", "data.demo.dev_per_subject=1",
+    "tokenizer.vocab_size=600", "pack.seq_len=64", "pack.sft_seq_len=256",
+    "pretrain.model.size=tiny", "pretrain.max_steps=4", "pretrain.micro_batch_size=2",
+    "pretrain.num_workers=2", "pretrain.log_every=2", "pretrain.optim.warmup_steps=1",
+    "sft.model.size=tiny", "sft.max_steps=3", "sft.micro_batch_size=2", "sft.num_workers=2",
+    "sft.log_every=1", "eval.max_items=3", "serve.max_tokens=8",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, ray_local):
+    from steelworks.platform.pipeline import run_pipeline
+
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = load(PipelineConfig, None, [*TINY, f"runs_dir={runs}", "run=tiny",
+                                      f"serve.port={_free_port()}"])
+    return cfg, run_pipeline(cfg), runs / "tiny"
+
+
+def test_every_stage_wrote_its_manifest(run):
+    cfg, results, root = run
+    assert list(results) == ["data", "tokenizer", "pretrain", "sft", "eval", "serve"]
+    for name in results:
+        m = json.loads((root / name / "manifest.json").read_text())
+        assert m["stage"] == name and m["outputs"]
+        for rel, meta in m["outputs"].items():
+            assert (root / name / rel).stat().st_size == meta["bytes"], rel
+
+
+def test_data_accounting_adds_up(run):
+    _, results, root = run
+    demo = results["data"]["demo"]["pretrain"]
+    totals = results["data"]["metrics"]["totals"]
+    assert totals["read"] == totals["kept"] + totals["duplicate"] + totals["filtered:too_short"] \
+        + totals.get("quarantined", 0)
+    assert totals["duplicate"] == demo["planted_duplicates"]
+    assert totals["filtered:too_short"] == demo["planted_junk"]
+
+
+def test_tokenizer_and_shards_are_standard(run):
+    from transformers import AutoTokenizer
+
+    from steelworks.data.shards import ShardIndex, open_shard
+
+    _, results, root = run
+    tok = AutoTokenizer.from_pretrained(str(root / "tokenizer" / "tokenizer"))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    shard_dir = root / "tokenizer" / "shards" / "pretrain"
+    index = ShardIndex.load(shard_dir)
+    assert index.num_sequences == results["tokenizer"]["metrics"]["pretrain"]["sequences"] > 0
+    tokens, mask = open_shard(shard_dir, index, index.shards[0])
+    assert mask is None and tokens.shape[1] == 64 and int(tokens.max()) < len(tok)
+    sft = ShardIndex.load(root / "tokenizer" / "shards" / "sft")
+    _, sft_mask = open_shard(root / "tokenizer" / "shards" / "sft", sft, sft.shards[0])
+    assert sft_mask is not None and 0 < sft_mask.mean() < 1
+
+
+def test_models_load_in_transformers_and_train(run):
+    from transformers import AutoModelForCausalLM
+
+    _, results, root = run
+    for name, steps in (("pretrain", 4), ("sft", 3)):
+        m = results[name]["metrics"]
+        assert m["final_step"] == steps and m["world_size"] == 2 and m["loss"] > 0
+        assert m["tokens_per_s"] > 0 and 0 < m["mfu"]
+        rows = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == steps
+        model = AutoModelForCausalLM.from_pretrained(str(root / name / "hf"))
+        assert model.config.num_hidden_layers == 2
+    assert (root / "pretrain" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_report(run):
+    _, results, root = run
+    ev = results["eval"]["metrics"]
+    report = json.loads((root / "eval" / "report.json").read_text())
+    assert ev["n"] == 4 * 3 and 0 <= ev["micro_acc"] <= 1  # 4 subjects x max_items=3
+    assert len(report["predictions"]) == ev["n"]
+
+
+def test_serve_answered_through_the_endpoint(run):
+    _, results, _ = run
+    smoke = results["serve"]["metrics"]["smoke_test"]
+    assert smoke["question"] == "你是谁？" and isinstance(smoke["answer"], str)
+    assert results["serve"]["metrics"]["url"].startswith("http://127.0.0.1:")
+
+
+def test_rerun_skips_and_config_change_reruns_downstream(run):
+    from steelworks.platform.pipeline import run_pipeline
+
+    cfg, results, root = run
+    cfg.stages = ["data", "tokenizer", "pretrain", "sft", "eval"]
+    again = run_pipeline(cfg)
+    for name in cfg.stages:
+        assert again[name]["ended_at"] == results[name]["ended_at"], f"{name} was re-run"
+    cfg.sft.max_steps = 2
+    changed = run_pipeline(cfg)
+    for name in ("data", "tokenizer", "pretrain"):
+        assert changed[name]["ended_at"] == results[name]["ended_at"], f"{name} was re-run"
+    assert changed["sft"]["metrics"]["final_step"] == 2
+    assert changed["eval"]["inputs"]["sft"]["sha256"] != results["eval"]["inputs"]["sft"]["sha256"]

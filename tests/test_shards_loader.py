@@ -1,0 +1,107 @@
+"""Shards round-trip, the packed loader's disjoint shares and exact resume, SFT masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from steelworks.data.shards import ShardIndex, open_shard, token_dtype, write_shard
+from steelworks.train.data import PackedLoader
+
+
+def _shards(tmp_path, n=40, seq_len=9, vocab=70000, mask=False):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, size=(n, seq_len))
+    dt = token_dtype(vocab)
+    infos = [write_shard(tmp_path / f"s{i}.bin", tokens[i * n // 2:(i + 1) * n // 2], dt,
+                         (tokens[i * n // 2:(i + 1) * n // 2] % 2) if mask else None) for i in range(2)]
+    ShardIndex(seq_len, str(dt), vocab, 0, "sft" if mask else "pretrain", infos).save(tmp_path)
+    return tokens
+
+
+def test_shard_round_trip_uint16_and_uint32(tmp_path):
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    tokens = _shards(tmp_path, vocab=70000)
+    index = ShardIndex.load(tmp_path)
+    back = np.concatenate([np.asarray(open_shard(tmp_path, index, s)[0]) for s in index.shards])
+    assert index.dtype == "uint32" and np.array_equal(back, tokens)
+
+
+def test_ranks_get_disjoint_shares_covering_an_epoch(tmp_path):
+    _shards(tmp_path, n=40)
+    seen = []
+    for rank in range(2):
+        loader = PackedLoader(tmp_path, rank, 2, micro_batch=2, grad_accum=2, seed=3)
+        for _ in range(loader.steps_per_epoch):
+            for b in loader.next_step():
+                seen += [tuple(r.tolist()) for r in b.input_ids]
+    assert len(seen) == 40 and len(set(seen)) == 40
+
+
+def test_resume_continues_with_exactly_the_next_batch(tmp_path):
+    _shards(tmp_path, n=40)
+    a = PackedLoader(tmp_path, 0, 1, micro_batch=3, grad_accum=1, seed=5)
+    full = [a.next_step()[0].input_ids for _ in range(30)]  # crosses epoch boundaries
+    b = PackedLoader(tmp_path, 0, 1, micro_batch=3, grad_accum=1, seed=5)
+    for _ in range(17):
+        b.next_step()
+    state = b.state_dict()
+    c = PackedLoader(tmp_path, 0, 1, micro_batch=3, grad_accum=1, seed=5)
+    c.load_state_dict(state)
+    rest = [c.next_step()[0].input_ids for _ in range(13)]
+    assert all(np.array_equal(x, y) for x, y in zip(full[17:], rest))
+
+
+def test_changed_shard_is_refused_by_name(tmp_path):
+    _shards(tmp_path, n=40)
+    a = PackedLoader(tmp_path, 0, 1, micro_batch=2, grad_accum=1, seed=0)
+    state = a.state_dict()
+    with open(tmp_path / "s1.bin", "r+b") as f:
+        f.write(b"\xff\xff")
+    with pytest.raises(ValueError, match="s1.bin"):
+        PackedLoader(tmp_path, 0, 1, micro_batch=2, grad_accum=1, seed=0).load_state_dict(state)
+
+
+def test_sft_mask_labels(tmp_path):
+    tokens = _shards(tmp_path, n=8, mask=True)  # mask = token % 2
+    loader = PackedLoader(tmp_path, 0, 1, micro_batch=8, grad_accum=1, seed=0)
+    b = loader.next_step()[0]
+    for row_in, row_lab in zip(b.input_ids.numpy(), b.labels.numpy()):
+        i = next(i for i in range(8) if np.array_equal(tokens[i, :-1], row_in))
+        expected = np.where(tokens[i, 1:] % 2 == 1, tokens[i, 1:], -100)
+        assert np.array_equal(row_lab, expected)
+    assert b.num_targets == int((b.labels != -100).sum()) > 0
+
+
+def test_sft_mask_covers_exactly_assistant_turns(tiny_tokenizer_dir):
+    from steelworks.data.sft import encode_conversation
+    from steelworks.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    msgs = [{"role": "system", "content": "你好"}, {"role": "user", "content": "北京是哪里？"},
+            {"role": "assistant", "content": "北京是中国的首都。"}, {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hello world!"}]
+    ids, mask, truncated = encode_conversation(tok, msgs, 128)
+    assert not truncated
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "北京是中国的首都。<|im_end|>Hello world!<|im_end|>"
+    # everything before the first trained token is the prompt, ending with the assistant header
+    first = int(np.flatnonzero(mask)[0])
+    assert tok.decode(ids[:first]).endswith("<|im_start|>assistant\n")
+    # the tokens are exactly what the chat template produces at inference
+    n = int((ids != tok.pad_token_id).sum())
+    assert list(ids[:n]) == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+def test_pack_joins_documents_with_end_of_document(tiny_tokenizer_dir):
+    from steelworks.data.pack import PackDocuments
+    from steelworks.data.tokenizer import document_end_id, load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    docs = ["北京是中国的首都。", "Hello world!", "def add(a, b):\n    return a + b\n"] * 5
+    out = PackDocuments(str(tiny_tokenizer_dir), seq_len=16)(pd.DataFrame({"text": docs}))
+    stream = np.concatenate(list(out["tokens"]))
+    expected = [t for d in docs for t in (*tok(d, add_special_tokens=False)["input_ids"], document_end_id(tok))]
+    assert list(stream) == expected[: len(stream)]
+    assert int(out["docs"].sum()) == len(docs) and int(out["dropped"].sum()) == len(expected) - len(stream)
