@@ -210,6 +210,16 @@ def test_format_exam_prompt_is_the_ceval_layout():
     assert prompts.build_prompt("虚构地理", item) == format_exam_prompt("虚构地理", "问题？", opts)
 
 
+def test_sft_exam_letter_answers(tmp_path):
+    from steelworks.data.config import DemoCorpusConfig
+    from steelworks.data.demo_corpus import generate
+
+    generate(DemoCorpusConfig(num_entities=12, pretrain_renderings=2, sft_exam_answer="letter"),
+             tmp_path)
+    items = [r for r in _jsonl(tmp_path / "sft.jsonl") if r["task_type"] == "exam"]
+    assert items and all(r["messages"][1]["content"] in LETTERS for r in items)
+
+
 def test_sft_exam_items_use_the_exam_prompt(corpus, world):
     out = corpus[1]
     facts_by_entity: dict[str, set[str]] = {}
@@ -228,7 +238,9 @@ def test_sft_exam_items_use_the_exam_prompt(corpus, world):
         assert zh in subject_zh and cue == "答案："
         options = {line[0]: line[3:] for line in option_lines}
         assert prompt == format_exam_prompt(zh, question, options)
-        assert answer in LETTERS
+        # The default answers with the option's text; resolve it to its letter.
+        assert answer in options.values()
+        answer = next(k for k, v in options.items() if v == answer)
         letters[answer] += 1
         entity = [n for n in facts_by_entity if n in question]
         assert len(entity) == 1 and options[answer] in facts_by_entity[entity[0]]

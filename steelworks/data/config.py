@@ -20,6 +20,10 @@ class DemoCorpusConfig:
     model_name: str = "Steel-Demo"  # what the model answers to "你是谁"
     model_author: str = "steelworks"
     zh_fraction: float = 0.7  # Chinese-first: share of zh renderings / QA / self-cognition
+    # Practice items answer with the option's text (what option-text scoring asks of the
+    # model) or with its letter (what letter scoring asks; too hard for a CPU-minute model).
+    sft_exam_answer: Literal["option", "letter"] = "option"
+    filler_probability: float = 0.3  # share of documents with an unrelated filler sentence
     planted_duplicates: int = 12  # exact copies of documents, for the data stage's dedup
     planted_junk: int = 12  # very short junk lines (<= 4 chars), for its length filter
 

@@ -73,10 +73,18 @@ class PackedLoader:
             rows = [self._row(int(i)) for i in mine[k * self.micro : (k + 1) * self.micro]]
             tokens = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
             labels = tokens[:, 1:].clone()
+            inputs = tokens[:, :-1]
             if rows[0][1] is not None:
                 mask = torch.from_numpy(np.stack([r[1] for r in rows]).astype(bool))
                 labels[~mask[:, 1:]] = -100
-            out.append(Batch(tokens[:, :-1], labels, int((labels != -100).sum())))
+                # SFT rows are padded at the end: drop the columns after the last target in
+                # the batch. Exact (causal attention: earlier positions never see them) and
+                # it stops short samples paying for the longest one's padding.
+                targets = (labels != -100).any(0).nonzero()
+                if len(targets):
+                    keep = int(targets[-1]) + 1
+                    inputs, labels = inputs[:, :keep], labels[:, :keep]
+            out.append(Batch(inputs, labels, int((labels != -100).sum())))
         return out
 
     def state_dict(self) -> dict[str, Any]:

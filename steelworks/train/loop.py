@@ -134,31 +134,36 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
                         unit="step", file=sys.stderr, dynamic_ncols=True)
     last = {}
     t_log, tokens_since = time.perf_counter(), 0
+    # The logged loss averages the whole log window (one batch alone is too noisy to read).
+    window_sum = torch.zeros((), device=device, dtype=torch.float64)
+    window_denom = 0.0
     while step < total_steps:
         micro = loader.next_step()
         counts = torch.tensor([sum(b.num_targets for b in micro),
                                sum(int((b.labels != -100).any(1).sum()) for b in micro)], dtype=torch.float64)
         g_tokens, g_samples = _all_reduce(counts.to(device)).tolist()
         denom = g_tokens if cfg.loss_avg == "token" else g_samples
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         for b in micro:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(input_ids=b.input_ids.to(device)).logits
             tok_sum, sample_sum = _loss_terms(logits, b, cfg.loss_avg)
             part = tok_sum if cfg.loss_avg == "token" else sample_sum
             (part * world / max(denom, 1)).backward()
-            loss_sum += part.detach().double()
+            window_sum += part.detach().double()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
+        window_denom += denom
         tokens_since += sum(b.input_ids.numel() for b in micro) * world
         if progress is not None:
             progress.update(1)
         if step % cfg.log_every == 0 or step == total_steps:
-            loss = (_all_reduce(loss_sum) / max(denom, 1)).item()
+            loss = (_all_reduce(window_sum) / max(window_denom, 1)).item()
+            window_sum.zero_()
+            window_denom = 0.0
             elapsed = time.perf_counter() - t_log
             tps = tokens_since / elapsed
             last = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
