@@ -47,11 +47,12 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 def ray_local():
     """One local Ray session for the whole test run (starting Ray costs seconds on 2 cores)."""
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        # Never attach to a cluster a developer happens to have running (`ray start`).
-        os.environ.pop("RAY_ADDRESS", None)
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 address="local", configure_logging=False)
+    from steelworks.platform.ray_cluster import connect
+
+    # Never attach to a cluster a developer happens to have running (`ray start`): connect()
+    # without an address starts a private local cluster, with token auth on, as the CLI does.
+    os.environ.pop("RAY_ADDRESS", None)
+    connect(None, num_cpus=4)
     yield ray
     ray.shutdown()
 

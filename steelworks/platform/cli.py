@@ -106,7 +106,10 @@ STAGE_HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="steelworks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="steelworks",
+        description="Raw text -> tokenizer -> pretrain -> SFT -> eval -> serve, on Ray. "
+        "Each stage writes runs/<run>/<stage>/ with a manifest and is skipped when unchanged.")
     parser.add_argument("--version", action="version", version=f"steelworks {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
