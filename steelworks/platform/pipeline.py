@@ -141,11 +141,15 @@ def run_eval(cfg: PipelineConfig, force: bool = False, model_dir: str | None = N
 
     from steelworks.evals.runner import evaluate_model_dir
 
-    stage = _open(cfg, "eval", to_dict(cfg.eval), ["data", "sft"] if model_dir is None else ["data"])
+    demo = cfg.eval.benchmark == "demo"  # the demo exam comes from the data stage
+    inputs = (["data"] if demo else []) + (["sft"] if model_dir is None else [])
+    # An ad-hoc `eval --model DIR` writes eval-<dir>/ so it never overwrites the run's own eval.
+    name = "eval" if model_dir is None else "eval-" + "-".join(Path(model_dir).resolve().parts[-2:])
+    stage = _open(cfg, name, {**to_dict(cfg.eval), "model": model_dir}, inputs)
     if model_dir is None and _skip(stage, force):
         return read_manifest(stage.dir)
     model = model_dir or str(stage.inputs["sft"] / "hf")
-    if cfg.eval.benchmark == "demo":
+    if demo:
         data = stage.input_manifest("data")
         if "exam" not in data:
             raise ValueError("eval.benchmark is 'demo' but the data stage did not build the demo exam")
@@ -183,7 +187,7 @@ def _ask(url: str, cfg, question: str) -> dict[str, str]:
     import urllib.request
 
     body = {"model": cfg.model_name, "messages": [{"role": "user", "content": question}],
-            "max_tokens": 32, "temperature": 0}
+            "max_tokens": 64, "temperature": 0}
     headers = {"Content-Type": "application/json"}
     if cfg.api_key:
         headers["Authorization"] = f"Bearer {cfg.api_key}"
@@ -226,7 +230,7 @@ def summarize(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
         s = results["serve"]["metrics"]["smoke_test"]
         lines.append(f"chat: Q: {s['question']}  A: {s['answer']}")
     sft = root / "sft" / "hf"
-    lines += ["", "Chat with the model:",
+    lines += ["", "Chat with the model (after `source .venv/bin/activate`):",
               f"  steelworks serve --model {sft}",
               "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
               "    -d '{\"model\": \"" + str(cfg.serve.model_name or cfg.data.demo.model_name) +
