@@ -115,6 +115,17 @@ def test_serve_answered_through_the_endpoint(run):
     assert results["serve"]["metrics"]["url"].startswith("http://127.0.0.1:")
 
 
+def test_adhoc_eval_gets_its_own_stage(run):
+    from steelworks.platform.pipeline import run_eval
+
+    cfg, _, root = run
+    before = (root / "eval" / "manifest.json").read_text()
+    m = run_eval(cfg, model_dir=str(root / "pretrain" / "hf"))
+    assert m["stage"] == "eval-pretrain-hf" and m["metrics"]["n"] == 12
+    assert (root / "eval-pretrain-hf" / "report.md").exists()
+    assert (root / "eval" / "manifest.json").read_text() == before
+
+
 def test_rerun_skips_and_config_change_reruns_downstream(run):
     from steelworks.platform.pipeline import run_pipeline
 

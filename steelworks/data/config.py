@@ -13,6 +13,7 @@ class DemoCorpusConfig:
     seed: int = 1234
     num_entities: int = 24  # invented people/cities/species (40/30/30); one fact per attribute
     pretrain_renderings: int = 240  # times each fact is rendered as pretraining text (~0.6M chars)
+    pretrain_qa_renderings: int = 20  # question-answer pairs per fact mixed into pretraining
     sft_questions_per_fact: int = 3  # chat QA samples per fact
     sft_exam_per_fact: int = 4  # exam-format practice items per fact (practice templates)
     self_cognition_samples: int = 60

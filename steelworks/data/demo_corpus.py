@@ -280,6 +280,8 @@ def _pretrain_docs(cfg: DemoCorpusConfig, facts: list[Fact]) -> tuple[list[dict]
                 fillers += 1
             seen.add(text)
             docs.append({"text": text, "lang": lang})
+    qa_docs = _pretrain_qa_docs(cfg, facts, seen)
+    docs += qa_docs
     rng.shuffle(docs)
     natural = len(docs)
     # Planted on purpose: exact copies of some documents, and junk under the length filter.
@@ -291,10 +293,40 @@ def _pretrain_docs(cfg: DemoCorpusConfig, facts: list[Fact]) -> tuple[list[dict]
     out = [{"id": f"demo-pt-{i:06d}", "text": d["text"], "lang": d["lang"]}
            for i, d in enumerate(docs)]
     stats = {"fact_sentences": sum(len(s) for s in sentences.values()),
-             "filler_sentences": fillers, "natural_docs": natural,
+             "filler_sentences": fillers, "natural_docs": natural, "qa_docs": len(qa_docs),
              "planted_duplicates": min(cfg.planted_duplicates, natural),
              "planted_junk": cfg.planted_junk}
     return out, stats
+
+
+def _pretrain_qa_docs(cfg: DemoCorpusConfig, facts: list[Fact], seen: set[str]) -> list[dict]:
+    """Question-answer pairs as pretraining text ("问：…\n答：…"), three to a document.
+
+    Mixing QA-form text into pretraining makes the stored facts extractable by questions
+    (Allen-Zhu & Li, "Physics of Language Models 3.1"); real Chinese corpora carry such text
+    too (Baidu QA, WanJuan exams). Uses the QA templates, never the exam's. A separate RNG
+    stream keeps the declarative documents unchanged when this knob changes."""
+    rng = _rng(cfg, "pretrain-qa")
+    pairs: list[tuple[str, str]] = []
+    for fact in facts:
+        attr = ATTRIBUTE_BY_KEY[fact.attribute]
+        for _ in range(cfg.pretrain_qa_renderings):
+            lang = "zh" if rng.random() < cfg.zh_fraction else "en"
+            q = _render(rng.choice(attr.qa_zh if lang == "zh" else attr.qa_en), fact, lang)
+            a = _render(rng.choice((attr.pretrain_zh if lang == "zh" else attr.pretrain_en)[:3]),
+                        fact, lang)
+            pairs.append((lang, f"问：{q}\n答：{a}" if lang == "zh" else f"Q: {q}\nA: {a}"))
+    rng.shuffle(pairs)
+    docs = []
+    for lang in ("zh", "en"):
+        pool = [text for code, text in pairs if code == lang]
+        for i in range(0, len(pool), 3):
+            text = "\n".join(pool[i: i + 3])
+            while text in seen:  # duplicates are only ever planted on purpose
+                text += "\n" + rng.choice(pool)
+            seen.add(text)
+            docs.append({"text": text, "lang": lang})
+    return docs
 
 
 def _sft_samples(cfg: DemoCorpusConfig, entities: list[Entity], facts: list[Fact]) -> list[dict]:
@@ -319,7 +351,7 @@ def _sft_samples(cfg: DemoCorpusConfig, entities: list[Entity], facts: list[Fact
     positions = _balanced_positions(rng, len(facts) * cfg.sft_exam_per_fact)
     for n, (fact, k) in enumerate((f, k) for f in facts for k in range(cfg.sft_exam_per_fact)):
         attr = ATTRIBUTE_BY_KEY[fact.attribute]
-        question = _render(attr.practice[(k + rng.randrange(2)) % len(attr.practice)], fact, "zh")
+        question = _render(attr.practice[(k + rng.randrange(len(attr.practice))) % len(attr.practice)], fact, "zh")
         options = _options(rng, fact, value_set(attr, entities), positions[n])
         prompt = format_exam_prompt(DEMO_SUBJECTS[attr.subject][1], question, options)
         letter = LETTERS[positions[n]]
