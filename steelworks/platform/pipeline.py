@@ -225,7 +225,8 @@ def summarize(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
     if "eval" in results:
         ev = results["eval"]["metrics"]
         lines.append(f"eval: accuracy {ev['micro_acc']:.1%} on {ev['n']} questions "
-                     f"({cfg.eval.scoring} scoring; chance 25%); report: {root / 'eval'}/report.md")
+                     f"({cfg.eval.scoring} scoring; chance 25%); "
+                     f"report: {root / results['eval']['stage']}/report.md")
     if "serve" in results and "smoke_test" in results["serve"]["metrics"]:
         s = results["serve"]["metrics"]["smoke_test"]
         lines.append(f"chat: Q: {s['question']}  A: {s['answer']}")
