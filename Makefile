@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH_WHEEL := $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl)
 TORCH_SRC   := $(if $(TORCH_WHEEL),--find-links /opt/wheels,--index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean bench-data
 .DEFAULT_GOAL := demo
 
 $(BIN)/python:
@@ -32,6 +32,14 @@ demo: $(VENV)/.base
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
+
+$(VENV)/.bench: pyproject.toml $(VENV)/.base
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+# Data pipeline vs datatrove on ~100 MB of the shared corpus samples (see benchmarks/RESULTS.md).
+bench-data: $(VENV)/.bench
+	$(BIN)/python benchmarks/data_pipeline.py --mb 100
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

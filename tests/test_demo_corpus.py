@@ -249,8 +249,9 @@ def test_sft_exam_items_use_the_exam_prompt(corpus, world):
 
 
 def test_planted_duplicates_and_junk_are_counted(corpus):
-    from steelworks.data.clean import normalize
+    from steelworks.data.recipe import Recipe
 
+    normalize = Recipe.default(5, 100_000).normalize
     _, out, summary = corpus
     texts = [normalize(r["text"]) for r in _jsonl(out / "pretrain.jsonl")]
     counts = Counter(texts)

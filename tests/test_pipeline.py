@@ -60,10 +60,12 @@ def test_data_accounting_adds_up(run):
     _, results, root = run
     demo = results["data"]["demo"]["pretrain"]
     totals = results["data"]["metrics"]["totals"]
-    assert totals["read"] == totals["kept"] + totals["duplicate"] + totals["filtered:too_short"] \
-        + totals.get("quarantined", 0)
-    assert totals["duplicate"] == demo["planted_duplicates"]
-    assert totals["filtered:too_short"] == demo["planted_junk"]
+    counts = results["data"]["metrics"]["counts"]["demo"]
+    assert counts["read"] == counts["kept"] + counts["duplicate"] + counts["filtered:text_length"] \
+        + counts.get("quarantined", 0)
+    assert counts["duplicate"] == demo["planted_duplicates"]
+    assert counts["filtered:text_length"] == demo["planted_junk"]
+    assert totals["read"] == sum(c["read"] for c in results["data"]["metrics"]["counts"].values())
 
 
 def test_tokenizer_and_shards_are_standard(run):

@@ -1,19 +1,20 @@
-"""The cleaning job on Ray Data: read JSON lines -> normalize -> filter -> exact dedup.
+"""The cleaning job on Ray Data: read -> normalize -> quality-filter -> exact dedup -> MinHash.
 
-Every input line ends in exactly one bucket (kept, filtered:<name>, duplicate, quarantined),
-so read = kept + filtered + duplicate + quarantined always holds; malformed lines go to
-``quarantine.jsonl`` with file, line and reason. Exact dedup is a distributed group-by on
-the normalized-text hash (no global set in the driver); within a group the record with the
+Every input record ends in exactly one bucket (``kept``, ``filtered:<op>``, ``duplicate``,
+``near_duplicate``, ``quarantined``), so read = kept + filtered + duplicates + quarantined
+holds per source; malformed records go to ``quarantine.jsonl`` with file, line and reason.
+
+Pretraining text goes through its source's recipe (``steelworks.data.recipe``) and the
+deduplication steps; SFT conversations are validated by their reader and filtered by
+language (``SourceConfig.languages``). Exact dedup is a distributed group-by on the
+normalized-text hash (no global set in the driver); within a group the record with the
 smallest (path, line) wins, so the same input always keeps the same representative.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import re
-import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -23,66 +24,45 @@ import pandas as pd
 from steelworks.data.config import DataConfig, SourceConfig
 
 KEPT, DUPLICATE, QUARANTINED = "kept", "duplicate", "quarantined"
-_WS = re.compile(r"[ \t\u3000]+")
-_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+CLEAN_COLUMNS = ["source", "path", "line", "text"]
+SFT_COLUMNS = ["source", "path", "line", "messages", "task_type"]
 
 
-def expand_paths(pattern: str) -> list[str]:
-    """A file, a glob or a directory (all *.jsonl below it), sorted for determinism."""
-    p = Path(pattern)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*.jsonl"))
-    else:
-        files = sorted(glob.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"no input files match {pattern!r}")
-    return files
+def recipe_for(cfg: DataConfig, src: SourceConfig):
+    from steelworks.data.recipe import Recipe, load_recipe
+
+    ref = src.recipe or cfg.recipe
+    return load_recipe(ref) if ref else Recipe.default(cfg.min_chars, cfg.max_chars)
 
 
-def normalize(text: str) -> str:
-    """NFKC, drop control characters, collapse runs of spaces, trim each line."""
-    text = unicodedata.normalize("NFKC", text)
-    text = _CTRL.sub("", text)
-    lines = [_WS.sub(" ", line).strip() for line in text.replace("\r\n", "\n").split("\n")]
-    return "\n".join(line for line in lines if line)
+class ApplyRecipe:
+    """Ray Data batch function: normalize + filter with one recipe, then hash for dedup.
+    Every recipe's stat columns are present (NaN where another recipe applies), so the
+    datasets of sources with different recipes can be unioned."""
+
+    def __init__(self, recipe, stat_columns: list[str]) -> None:
+        self.recipe, self.stat_columns = recipe, stat_columns
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = self.recipe.apply_batch(batch)
+        for col in self.stat_columns:
+            if col not in batch:
+                batch[col] = np.nan
+        # Quarantined/filtered rows get a unique key so they never group with kept text.
+        batch["hash"] = [
+            hashlib.sha1(t.encode("utf-8")).hexdigest() if s == KEPT else f"{p}:{n}"
+            for t, s, p, n in zip(batch["text"], batch["status"], batch["path"], batch["line"])
+        ]
+        return batch
 
 
-def parse_file(row: dict[str, Any], source: SourceConfig) -> list[dict[str, Any]]:
-    """One input file -> one record per line (ok or quarantined, with the reason)."""
-    path = row["path"]
-    out = []
-    raw = row["bytes"].decode("utf-8", errors="replace")
-    for lineno, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        rec = {"source": source.name, "path": path, "line": lineno, "text": "", "status": KEPT,
-               "reason": "", "raw": ""}
-        try:
-            obj = json.loads(line)
-            if not isinstance(obj, dict):
-                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-            text = obj.get(source.text_field)
-            if not isinstance(text, str):
-                raise ValueError(f"field {source.text_field!r} missing or not a string")
-            rec["text"] = text
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
-            rec.update(status=QUARANTINED, reason=str(e), raw=line[:2000])
-        out.append(rec)
-    return out
+def filter_languages(batch: pd.DataFrame, allowed: list[str]) -> pd.DataFrame:
+    """SFT: records whose ``lang`` tag is not allowed become ``filtered:language``."""
+    from steelworks.data.sft_builders import filter_languages as keep
 
-
-def normalize_and_filter(batch: pd.DataFrame, min_chars: int, max_chars: int) -> pd.DataFrame:
-    """Normalize kept rows and mark those outside the length bounds as filtered."""
     batch = batch.copy()
-    ok = batch["status"] == KEPT
-    batch.loc[ok, "text"] = batch.loc[ok, "text"].map(normalize)
-    lengths = batch["text"].str.len()
-    batch.loc[ok & (lengths < min_chars), "status"] = "filtered:too_short"
-    batch.loc[ok & (lengths > max_chars), "status"] = "filtered:too_long"
-    batch["hash"] = [
-        hashlib.sha1(t.encode("utf-8")).hexdigest() if s == KEPT else f"{p}:{n}"
-        for t, s, p, n in zip(batch["text"], batch["status"], batch["path"], batch["line"])
-    ]
+    drop = (batch["status"] == KEPT) & ~batch["lang"].map(lambda x: keep(x, allowed))
+    batch.loc[drop, "status"] = "filtered:language"
     return batch
 
 
@@ -101,54 +81,133 @@ def mark_duplicates(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return group
 
 
-def run_clean(cfg: DataConfig, sources: list[SourceConfig], out_dir: Path) -> dict[str, Any]:
-    """Run the cleaning job; writes ``clean/part-*.parquet`` and ``quarantine.jsonl``."""
+def _partitions(sources: list[SourceConfig]) -> int:
+    """Ray's default of 200 shuffle partitions costs minutes of task overhead on small inputs;
+    use one partition per ~128 MB of input, at least one per CPU in the cluster."""
+    import ray
+
+    from steelworks.data.readers import expand_paths
+
+    in_bytes = sum(Path(f).stat().st_size for s in sources for f in expand_paths(s.path, s.format))
+    return max(int(ray.cluster_resources().get("CPU", 1)), int(in_bytes // (128 << 20)))
+
+
+def clean_text(cfg: DataConfig, sources: list[SourceConfig], partitions: int):
+    """-> (dataset of every record with its final status and stats, {source: recipe})."""
+    from steelworks.data.readers import read_source
+
+    recipes = {s.name: recipe_for(cfg, s) for s in sources}
+    stat_columns = sorted({f.column for r in recipes.values() for f in r.filters})
+    parts = [read_source(s).map_batches(ApplyRecipe, batch_format="pandas",
+                                        fn_constructor_args=(recipes[s.name], stat_columns))
+             for s in sources]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if cfg.dedup.exact:
+        ds = ds.groupby("hash", num_partitions=partitions).map_groups(mark_duplicates,
+                                                                     batch_format="numpy")
+    if cfg.dedup.minhash.enabled:
+        from steelworks.data.minhash import minhash_dedup
+
+        ds = minhash_dedup(ds, cfg.dedup.minhash, partitions)
+    return ds, recipes
+
+
+def clean_sft(sources: list[SourceConfig]):
+    from steelworks.data.readers import read_source
+
+    parts = []
+    for s in sources:
+        ds = read_source(s)
+        if s.languages:
+            ds = ds.map_batches(filter_languages, batch_format="pandas",
+                                fn_kwargs={"allowed": list(s.languages)})
+        parts.append(ds)
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def count_statuses(ds, partitions: int) -> dict[str, dict[str, int]]:
+    """{source: {status: n, ..., "read": total}}; only these counts reach the driver."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in ds.groupby(["source", "status"], num_partitions=partitions).count().take_all():
+        counts.setdefault(row["source"], {})[row["status"]] = int(row["count()"])
+    for c in counts.values():
+        c["read"] = sum(c.values())
+    return counts
+
+
+def run_clean(cfg: DataConfig, sources: list[SourceConfig], sft_sources: list[SourceConfig],
+              out_dir: Path) -> dict[str, Any]:
+    """Run the cleaning job. Writes ``clean/`` (pretraining text), ``sft/`` (conversations),
+    ``stats/`` + ``plots/`` (per-document filter stats and their histograms) and
+    ``quarantine.jsonl``."""
     import ray
 
     from steelworks.platform.atomic import atomic_open
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic outputs, run after run
-    # Ray's default of 200 shuffle partitions costs minutes of task overhead on small inputs;
-    # use one partition per ~128 MB of input, at least one per CPU in the cluster.
-    in_bytes = sum(Path(f).stat().st_size for s in sources for f in expand_paths(s.path))
-    partitions = max(int(ray.cluster_resources().get("CPU", 1)), in_bytes // (128 << 20))
+    partitions = _partitions(sources + sft_sources)
     ctx.default_hash_shuffle_parallelism = partitions
-    datasets = []
-    for src in sources:
-        files = expand_paths(src.path)
-        ds = ray.data.read_binary_files(files, include_paths=True)
-        datasets.append(ds.flat_map(parse_file, fn_kwargs={"source": src}))
-    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    ds = ds.map_batches(normalize_and_filter, batch_format="pandas",
-                        fn_kwargs={"min_chars": cfg.min_chars, "max_chars": cfg.max_chars})
-    if cfg.dedup == "exact":
-        ds = ds.groupby("hash", num_partitions=partitions).map_groups(mark_duplicates, batch_format="numpy")
-    ds = ds.materialize()
-
-    # Accounting: counts per (source, status); totals must add up.
+    outputs: list[str] = []
     counts: dict[str, dict[str, int]] = {}
-    for row in ds.groupby(["source", "status"], num_partitions=partitions).count().take_all():
-        counts.setdefault(row["source"], {})[row["status"]] = int(row["count()"])
-    for c in counts.values():
-        c["read"] = sum(v for k, v in c.items())
+    quarantined: list[dict[str, Any]] = []
+    plots: list[str] = []
 
-    kept = (ds.filter(lambda r: r["status"] == KEPT)
-              .select_columns(["source", "path", "line", "text"])
-              .sort(["path", "line"])
-              .repartition(cfg.num_shards))
-    outputs = write_parquet_dir(kept, out_dir, "clean")
-    quarantine = ds.filter(lambda r: r["status"] == QUARANTINED).sort(["path", "line"]).take_all()
+    if sources:
+        ds, recipes = clean_text(cfg, sources, partitions)
+        ds = ds.materialize()
+        counts.update(count_statuses(ds, partitions))
+        kept = (ds.filter(lambda r: r["status"] == KEPT).select_columns(CLEAN_COLUMNS)
+                  .sort(["path", "line"]).repartition(cfg.num_shards))
+        outputs += write_parquet_dir(kept, out_dir, "clean")
+        plots = write_stats(ds, recipes, sources, out_dir, cfg.stats_sample)
+        outputs += plots
+        quarantined += ds.filter(lambda r: r["status"] == QUARANTINED).take_all()
+    if sft_sources:
+        sft = clean_sft(sft_sources).materialize()
+        counts.update(count_statuses(sft, partitions))
+        kept = (sft.filter(lambda r: r["status"] == KEPT).select_columns(SFT_COLUMNS)
+                   .sort(["path", "line"]).repartition(1))
+        outputs += write_parquet_dir(kept, out_dir, "sft")
+        quarantined += sft.filter(lambda r: r["status"] == QUARANTINED).take_all()
+
+    quarantined.sort(key=lambda r: (r["path"], r["line"]))
     with atomic_open(out_dir / "quarantine.jsonl") as f:
-        for r in quarantine:
-            f.write(json.dumps({"path": r["path"], "line": r["line"], "reason": r["reason"],
-                                "raw": r["raw"]}, ensure_ascii=False) + "\n")
+        for r in quarantined:
+            f.write(json.dumps({"source": r["source"], "path": r["path"], "line": int(r["line"]),
+                                "reason": r["reason"], "raw": r["raw"]}, ensure_ascii=False) + "\n")
     outputs.append("quarantine.jsonl")
     totals: dict[str, int] = {}
     for c in counts.values():
         for k, v in c.items():
             totals[k] = totals.get(k, 0) + v
     return {"outputs": outputs, "counts": counts, "totals": totals}
+
+
+def write_stats(ds, recipes: dict[str, Any], sources: list[SourceConfig], out_dir: Path,
+                sample: int) -> list[str]:
+    """Per-document filter stats of (a sample of) the records that reached the filters,
+    saved as parquet and drawn as one histogram per stat with its thresholds marked."""
+    from steelworks.data.stats_plots import plot_stat_histograms
+    from steelworks.platform.atomic import atomic_open
+
+    cols = sorted({f.column for r in recipes.values() for f in r.filters})
+    rows = (ds.filter(lambda r: r["status"] not in (QUARANTINED,))
+              .select_columns(["source", "path", "line", "status", *cols]).limit(sample))
+    stats = rows.to_pandas()
+    (out_dir / "stats").mkdir(parents=True, exist_ok=True)
+    with atomic_open(out_dir / "stats" / "doc_stats.parquet", "wb") as f:
+        stats.to_parquet(f, index=False)
+    files = ["stats/doc_stats.parquet"]
+    by_recipe: dict[str, list[str]] = {}
+    for s in sources:
+        by_recipe.setdefault(recipes[s.name].name, []).append(s.name)
+    for name, names in by_recipe.items():
+        recipe = recipes[names[0]]
+        sub = stats[stats["source"].isin(names)]
+        plot_dir = out_dir / "plots" / name
+        files += [f"plots/{name}/{f}" for f in plot_stat_histograms(sub, recipe, plot_dir)]
+    return files
 
 
 def write_parquet_dir(ds, out_dir: Path, name: str) -> list[str]:
@@ -168,8 +227,9 @@ def write_parquet_dir(ds, out_dir: Path, name: str) -> list[str]:
     return [f"{name}/{f.name}" for f in sorted(final.glob("*.parquet"))]
 
 
-def check_accounting(totals: dict[str, int]) -> None:
-    """read = kept + filtered:* + duplicate + quarantined, or the run is wrong."""
-    parts = sum(v for k, v in totals.items() if k != "read")
-    if parts != totals.get("read", 0):
-        raise AssertionError(f"data accounting does not add up: {totals}")
+def check_accounting(counts: dict[str, dict[str, int]]) -> None:
+    """Per source: read = kept + filtered:* + duplicate + near_duplicate + quarantined."""
+    for source, c in counts.items():
+        parts = sum(v for k, v in c.items() if k != "read")
+        if parts != c.get("read", 0):
+            raise AssertionError(f"data accounting does not add up for {source!r}: {c}")

@@ -43,33 +43,111 @@ class DemoCorpusConfig:
             raise ValueError("demo.model_name and demo.model_author must be non-empty")
 
 
+ExamStyle = Literal["answer_first", "cot", "both"]
+
+
 @dataclass
 class SourceConfig:
-    """One input corpus. ``path`` is a file, glob or directory of JSON-lines files."""
+    """One input corpus.
+
+    ``path`` is a file, a glob or a directory (every file below it with a known extension);
+    ``.gz`` and ``.zst`` files are decompressed. ``format`` is a key of
+    ``steelworks.data.readers.FORMATS`` (``jsonl``, ``json``, ``parquet`` for custom data,
+    or a named real schema such as ``skypile``, ``firefly``, ``wanjuan_exam``).
+    """
 
     name: str
     path: str
-    format: Literal["jsonl"] = "jsonl"
-    text_field: str = "text"
-    ratio: float = 1.0
+    format: str = "jsonl"
+    # Canonical field -> the source's column, for custom data: {text: content} reads the
+    # document from ``content``; {messages: dialog} reads an OpenAI-style list from ``dialog``.
+    columns: dict[str, str] = field(default_factory=dict)
+    # Target share of this source's tokens in the pretraining mix (all set or none; they
+    # must sum to 1). None everywhere: every kept token once (the natural mix).
+    ratio: float | None = None
+    recipe: str | None = None  # cleaning recipe for this source (default: data.recipe)
+    # Keep only records whose language tag is listed (Infinity-Instruct's ``langdetect``).
+    languages: list[str] = field(default_factory=list)
+    exam_style: ExamStyle = "both"  # WanJuan exam: answer-first ("非cot"), cot, or both
+    task_type: str | None = None  # SFT ``task_type`` tag (default: the format's own)
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"source {self.name!r}: ratio must be in (0, 1]")
+
+
+@dataclass
+class MinHashConfig:
+    """Near-duplicate detection by MinHash-LSH (Broder 1997; Leskovec et al., MMDS ch. 3)."""
+
+    enabled: bool = False
+    shingle_size: int = 5  # characters per shingle (CJK has no spaces to split words on)
+    num_perm: int = 128  # hash permutations per signature
+    bands: int = 16  # LSH bands; rows per band = num_perm // bands
+    # Candidates from a shared band are confirmed only when their estimated Jaccard
+    # similarity (share of equal signature slots) reaches this.
+    threshold: float = 0.7
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.num_perm % self.bands:
+            raise ValueError("dedup.minhash.num_perm must be a multiple of dedup.minhash.bands")
+        if self.shingle_size < 1 or not 0.0 < self.threshold <= 1.0:
+            raise ValueError("need dedup.minhash.shingle_size >= 1 and threshold in (0, 1]")
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True  # drop later copies of the same normalized text
+    minhash: MinHashConfig = field(default_factory=MinHashConfig)
+
+
+@dataclass
+class SelfCognitionConfig:
+    """Self-cognition SFT samples ("你是谁？" -> name and author) for ``source: files``."""
+
+    samples: int = 0  # 0: none
+    name: str = "Steel"
+    author: str = "steelworks"
+
+
+@dataclass
+class MixConfig:
+    total_tokens: int | None = None  # pretraining tokens to emit (default: the most the ratios allow without repeating)
+    seed: int = 0
 
 
 @dataclass
 class DataConfig:
     source: Literal["demo", "files"] = "demo"
     demo: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
-    sources: list[SourceConfig] = field(default_factory=list)
-    sft_path: str | None = None  # JSON lines of {"messages": [...]} when source == files
-    min_chars: int = 5  # quality filter: documents shorter than this are filtered
+    sources: list[SourceConfig] = field(default_factory=list)  # pretraining text
+    sft_sources: list[SourceConfig] = field(default_factory=list)  # SFT conversations
+    self_cognition: SelfCognitionConfig = field(default_factory=SelfCognitionConfig)
+    # Cleaning recipe (normalizers and quality filters, in order): a YAML path, or the name
+    # of a file in recipes/ (``steel_text``). None: NFKC + whitespace + the length bounds below.
+    recipe: str | None = None
+    min_chars: int = 5  # length bounds of the default recipe
     max_chars: int = 100_000
-    dedup: Literal["exact", "none"] = "exact"
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     num_shards: int = 2  # output shards of cleaned text (Ray Data blocks written in parallel)
+    stats_sample: int = 200_000  # documents whose filter stats are kept for the histograms
 
     def __post_init__(self) -> None:
-        if self.source == "files" and not self.sources:
-            raise ValueError("data.source is 'files' but data.sources is empty")
+        if self.source == "files" and not self.sources and not self.sft_sources:
+            raise ValueError("data.source is 'files' but data.sources and data.sft_sources are empty")
         if self.min_chars < 0 or self.max_chars <= self.min_chars:
             raise ValueError("need 0 <= data.min_chars < data.max_chars")
+        ratios = [s.ratio for s in self.sources]
+        if any(r is not None for r in ratios):
+            if any(r is None for r in ratios):
+                raise ValueError("data.sources: set ratio on every source or on none")
+            if abs(sum(ratios) - 1.0) > 1e-6:
+                raise ValueError(f"data.sources: ratios must sum to 1, got {sum(ratios):.6g}")
+        names = [s.name for s in self.sources + self.sft_sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data: source names must be unique, got {names}")
 
 
 @dataclass
@@ -89,6 +167,9 @@ class PackConfig:
     seq_len: int = 256  # tokens per packed training sequence
     sequences_per_shard: int = 8192
     sft_seq_len: int = 256  # SFT samples are truncated/padded to this many tokens
+    # Pack several SFT samples per row (first-fit, in order) with their boundaries kept as
+    # segment ids, instead of one padded sample per row.
+    sft_pack: bool = False
 
     def __post_init__(self) -> None:
         if self.seq_len < 8 or self.sft_seq_len < 8:

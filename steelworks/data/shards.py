@@ -4,7 +4,11 @@ A shard set is a directory with ``index.json`` and binary shards. Each shard hol
 ``num_sequences`` rows of ``seq_len`` tokens as raw little-endian ``dtype`` (uint16 when the
 vocabulary fits, else uint32), and optionally a ``.mask`` file of the same shape in uint8:
 1 where the token is a training target (SFT), absent for pretraining (every token counts).
-The index records every shard's sha256 so a trainer can verify what it resumes on.
+Packed SFT shards (several conversations per row) add a ``.seg`` file of the same shape in
+little-endian uint16: 1, 2, 3 ... for the row's samples, 0 on padding, from which a trainer
+builds document-causal attention masks and per-sample position ids (``open_segments``).
+The index records every file's sha256 so a trainer can verify what it resumes on; index
+files written before ``.seg`` existed load unchanged (the seg fields default to None).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from steelworks.platform.atomic import atomic_open, atomic_write_json
 
 INDEX = "index.json"
+SEG_DTYPE = np.dtype("<u2")  # segment ids: little-endian uint16, whatever the host order
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -31,6 +36,8 @@ class ShardInfo:
     sha256: str
     mask_file: str | None = None
     mask_sha256: str | None = None
+    seg_file: str | None = None
+    seg_sha256: str | None = None
 
 
 @dataclass
@@ -61,29 +68,43 @@ class ShardIndex:
         return cls(**data)
 
 
-def write_shard(path: Path, tokens: np.ndarray, dtype: np.dtype, mask: np.ndarray | None = None
-                ) -> ShardInfo:
-    """Write one shard (and its mask) atomically; returns its index entry."""
+def write_shard(path: Path, tokens: np.ndarray, dtype: np.dtype, mask: np.ndarray | None = None,
+                segments: np.ndarray | None = None) -> ShardInfo:
+    """Write one shard (and its mask and segment ids) atomically; returns its index entry.
+
+    Every array is checked before any file is written, so bad input leaves nothing behind.
+    """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [num_sequences, seq_len], got shape {tokens.shape}")
     if tokens.size and int(tokens.max()) >= np.iinfo(dtype).max + 1:
         raise ValueError(f"token id {int(tokens.max())} does not fit {dtype}")
+    for what, arr in (("mask", mask), ("segments", segments)):
+        if arr is not None and arr.shape != tokens.shape:
+            raise ValueError(f"{what} shape {arr.shape} != tokens shape {tokens.shape}")
+    if segments is not None and segments.size and \
+            (int(segments.min()) < 0 or int(segments.max()) > np.iinfo(SEG_DTYPE).max):
+        raise ValueError(f"segment ids must lie in 0..65535, got {int(segments.min())}.."
+                         f"{int(segments.max())}")
     data = np.ascontiguousarray(tokens.astype(dtype)).astype(dtype.newbyteorder("<")).tobytes()
     with atomic_open(path, "wb") as f:
         f.write(data)
     info = ShardInfo(path.name, int(tokens.shape[0]), hashlib.sha256(data).hexdigest())
     if mask is not None:
-        if mask.shape != tokens.shape:
-            raise ValueError(f"mask shape {mask.shape} != tokens shape {tokens.shape}")
-        mdata = np.ascontiguousarray(mask.astype(np.uint8)).tobytes()
-        mpath = path.with_suffix(".mask")
-        with atomic_open(mpath, "wb") as f:
-            f.write(mdata)
-        info.mask_file, info.mask_sha256 = mpath.name, hashlib.sha256(mdata).hexdigest()
+        info.mask_file, info.mask_sha256 = _write_side(path.with_suffix(".mask"), mask, np.dtype(np.uint8))
+    if segments is not None:
+        info.seg_file, info.seg_sha256 = _write_side(path.with_suffix(".seg"), segments, SEG_DTYPE)
     return info
 
 
-def open_shard(directory: Path, index: ShardIndex, info: ShardInfo):
+def _write_side(path: Path, arr: np.ndarray, dtype: np.dtype) -> tuple[str, str]:
+    data = np.ascontiguousarray(arr.astype(dtype)).tobytes()
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return path.name, hashlib.sha256(data).hexdigest()
+
+
+def open_shard(directory: Path, index: ShardIndex, info: ShardInfo
+               ) -> tuple[np.ndarray, np.ndarray | None]:
     """Memory-map one shard -> (tokens [n, seq_len], mask [n, seq_len] or None)."""
     dt = np.dtype(index.dtype).newbyteorder("<")
     tokens = np.memmap(directory / info.file, dtype=dt, mode="r",
@@ -95,10 +116,27 @@ def open_shard(directory: Path, index: ShardIndex, info: ShardInfo):
     return tokens, mask
 
 
+def open_segments(directory: Path, index: ShardIndex, info: ShardInfo) -> np.ndarray | None:
+    """Memory-map one shard's segment ids [n, seq_len] (uint16), or None if it has none.
+
+    A separate function rather than a third element of ``open_shard``, whose callers unpack
+    exactly two values.
+    """
+    if not info.seg_file:
+        return None
+    return np.memmap(directory / info.seg_file, dtype=SEG_DTYPE, mode="r",
+                     shape=(info.num_sequences, index.seq_len))
+
+
 def verify_shard(directory: Path, info: ShardInfo) -> None:
-    """Raise naming the shard if its bytes no longer match the recorded hash."""
+    """Raise naming the file if the shard's tokens, mask or segment ids no longer match the
+    hashes recorded for them (a file recorded without a hash, as in old indexes, is skipped)."""
     from steelworks.platform.atomic import sha256_file
 
-    actual = sha256_file(directory / info.file)
-    if actual != info.sha256:
-        raise ValueError(f"shard {directory / info.file} changed: sha256 {actual} != {info.sha256}")
+    for name, expected in ((info.file, info.sha256), (info.mask_file, info.mask_sha256),
+                           (info.seg_file, info.seg_sha256)):
+        if not name or not expected:
+            continue
+        actual = sha256_file(directory / name)
+        if actual != expected:
+            raise ValueError(f"shard {directory / name} changed: sha256 {actual} != {expected}")

@@ -45,10 +45,14 @@ def cmd_stage(args) -> int:
     cfg = _load(args)
     _connect(cfg)
     if args.command == "eval":
-        result = pipeline.run_eval(cfg, force=args.force, model_dir=args.model)
+        results = {"eval": pipeline.run_eval(cfg, force=args.force, model_dir=args.model)}
+    elif args.command == "data":
+        # The whole data/ side: clean the corpus, then train the tokenizer and pack shards.
+        results = {name: pipeline.RUNNERS[name](cfg, force=args.force)
+                   for name in ("data", "tokenizer")}
     else:
-        result = pipeline.RUNNERS[args.command](cfg, force=args.force)
-    print(pipeline.summarize(cfg, {args.command: result}))
+        results = {args.command: pipeline.RUNNERS[args.command](cfg, force=args.force)}
+    print(pipeline.summarize(cfg, results))
     return 0
 
 
@@ -97,8 +101,10 @@ def cmd_serve(args) -> int:
 
 
 STAGE_HELP = {
-    "data": "read, normalize, filter and deduplicate the corpus (the demo corpus by default)",
-    "tokenizer": "train the BPE tokenizer and tokenize+pack the corpus and SFT data into shards",
+    "data": "read, normalize, filter and deduplicate the corpus (the demo corpus by default), "
+            "then run the tokenizer stage: the token shards train/ reads",
+    "tokenizer": "train the BPE tokenizer and tokenize+mix+pack the cleaned text and SFT "
+                 "data into shards (re-runs only this half of `data`)",
     "pretrain": "pretrain a model on the packed shards with Ray Train (FSDP2)",
     "sft": "fine-tune the pretrained model on the SFT shards (prompt tokens masked)",
     "eval": "score a model on a multiple-choice benchmark (the demo exam by default)",

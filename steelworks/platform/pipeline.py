@@ -41,24 +41,34 @@ def run_data(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
         return read_manifest(stage.dir)
     extra: dict[str, Any] = {}
     outputs: list[str] = []
+    sources, sft_sources = list(cfg.data.sources), list(cfg.data.sft_sources)
     if cfg.data.source == "demo":
         from steelworks.data.demo_corpus import generate
 
         summary = generate(cfg.data.demo, stage.dir / "corpus")
         outputs += [f"corpus/{f}" for f in summary["files"]]
-        sources = [SourceConfig(name="demo", path=str(stage.dir / "corpus" / "pretrain.jsonl"))]
-        extra.update(sft="corpus/sft.jsonl", exam="corpus/exam", demo=
-                     {k: v for k, v in summary.items() if k != "files"})
-    else:
-        sources = cfg.data.sources
-        if cfg.data.sft_path:
-            shutil.copyfile(cfg.data.sft_path, stage.path("sft.jsonl"))
-            outputs.append("sft.jsonl")
-            extra["sft"] = "sft.jsonl"
-    result = run_clean(cfg.data, sources, stage.dir)
-    check_accounting(result["totals"])
+        corpus = stage.dir / "corpus"
+        sources = [SourceConfig(name="demo", path=str(corpus / "pretrain.jsonl"))]
+        sft_sources = [SourceConfig(name="demo_sft", path=str(corpus / "sft.jsonl"), format="openai")]
+        extra.update(exam="corpus/exam", demo={k: v for k, v in summary.items() if k != "files"})
+    elif cfg.data.self_cognition.samples:
+        from steelworks.data.sft_builders import self_cognition
+        from steelworks.platform.atomic import atomic_write_text
+
+        sc = cfg.data.self_cognition
+        records = self_cognition(sc.name, sc.author, sc.samples)
+        atomic_write_text(stage.path("self_cognition.jsonl"),
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        outputs.append("self_cognition.jsonl")
+        sft_sources.append(SourceConfig(name="self_cognition", format="openai",
+                                        path=str(stage.path("self_cognition.jsonl"))))
+    result = run_clean(cfg.data, sources, sft_sources, stage.dir)
+    check_accounting(result["counts"])
     outputs += result["outputs"]
     log.info("data: %s", result["totals"])
+    for name, c in result["counts"].items():
+        log.info("  %-16s %s", name, c)
+    extra["ratios"] = {s.name: s.ratio for s in sources}
     return stage.finish(outputs, metrics={"counts": result["counts"], "totals": result["totals"]},
                         extra=extra)
 
@@ -69,13 +79,14 @@ def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     from steelworks.data.pack import build_sft, pack_pretrain
     from steelworks.data.tokenizer import load_tokenizer, tokenizer_summary, train_tokenizer
 
-    stage = _open(cfg, "tokenizer", {"tokenizer": to_dict(cfg.tokenizer), "pack": to_dict(cfg.pack)},
-                  ["data"])
+    stage = _open(cfg, "tokenizer", {"tokenizer": to_dict(cfg.tokenizer), "pack": to_dict(cfg.pack),
+                                     "mix": to_dict(cfg.data.mix)}, ["data"])
     if _skip(stage, force):
         return read_manifest(stage.dir)
     data = stage.input_manifest("data")
     data_dir = stage.inputs["data"]
     clean = sorted(data_dir / f for f in data["outputs"] if f.startswith("clean/"))
+    sft = sorted(data_dir / f for f in data["outputs"] if f.startswith("sft/"))
     tok_dir = stage.dir / "tokenizer"
     if cfg.tokenizer.pretrained_dir:
         tok = load_tokenizer(cfg.tokenizer.pretrained_dir)
@@ -92,13 +103,14 @@ def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
         tok = train_tokenizer(texts(), cfg.tokenizer.vocab_size, tok_dir, cfg.tokenizer.min_frequency)
     vocab, pad = len(tok), tok.pad_token_id
     metrics: dict[str, Any] = {"tokenizer": tokenizer_summary(tok_dir)}
-    metrics["pretrain"] = pack_pretrain(clean, tok_dir, stage.dir / "shards" / "pretrain",
-                                        cfg.pack.seq_len, cfg.pack.sequences_per_shard, vocab, pad)
-    if data.get("sft"):
-        records = [json.loads(line) for line in (data_dir / data["sft"]).read_text().splitlines()
-                   if line.strip()]
-        metrics["sft"] = build_sft(records, tok_dir, stage.dir / "shards" / "sft", cfg.pack.sft_seq_len,
-                                   cfg.pack.sequences_per_shard, vocab, pad)
+    if clean:
+        metrics["pretrain"] = pack_pretrain(
+            clean, tok_dir, stage.dir / "shards" / "pretrain", cfg.pack.seq_len,
+            cfg.pack.sequences_per_shard, vocab, pad, ratios=data.get("ratios"),
+            total_tokens=cfg.data.mix.total_tokens, seed=cfg.data.mix.seed)
+    if sft:
+        metrics["sft"] = build_sft(sft, tok_dir, stage.dir / "shards" / "sft", cfg.pack.sft_seq_len,
+                                   cfg.pack.sequences_per_shard, vocab, pad, pack=cfg.pack.sft_pack)
     log.info("tokenizer: %s", {k: v for k, v in metrics.items() if k != "tokenizer"})
     return stage.finish(list_outputs(stage.dir), metrics=metrics)
 
@@ -218,6 +230,16 @@ def summarize(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
         lines.append(f"  {name:<10} {root / name}/manifest.json")
     if "data" in results:
         lines.append(f"data: {results['data']['metrics'].get('totals')}")
+        if any(f.startswith("plots/") for f in results["data"].get("outputs", {})):
+            lines.append(f"  filter-stat histograms: {root / 'data' / 'plots'}/")
+    if "tokenizer" in results:
+        m = results["tokenizer"]["metrics"]
+        if "pretrain" in m:
+            p = m["pretrain"]
+            lines.append(f"shards: {p['sequences']} x {cfg.pack.seq_len} tokens in {p['shards']} "
+                         f"shard(s); source shares {p.get('achieved_shares')}")
+        if "sft" in m:
+            lines.append(f"sft: {m['sft']['samples']} samples {m['sft']['task_types']}")
     if "pretrain" in results:
         lines.append(f"pretrain: final loss {results['pretrain']['metrics'].get('loss', float('nan')):.3f}")
     if "sft" in results:
@@ -231,6 +253,8 @@ def summarize(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
         s = results["serve"]["metrics"]["smoke_test"]
         lines.append(f"chat: Q: {s['question']}  A: {s['answer']}")
     sft = root / "sft" / "hf"
+    if not sft.exists():
+        return "\n".join([*lines, "=" * 64])
     lines += ["", "Chat with the model (after `source .venv/bin/activate`):",
               f"  steelworks serve --model {sft}",
               "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
