@@ -9,8 +9,8 @@ the pipeline sees ~100 MB of distinct text.
 Both sides use the same BPE tokenizer (trained once here, untimed) and the same normalizer
 functions (datatrove has no NFKC / traditional->simplified formatter, so it calls ours).
 Filters: steelworks runs recipes/steel_text.yaml; datatrove runs its native Gopher
-repetition and quality filters configured for Chinese (language "zh", word thresholds
-relaxed for single-character words), its 3-stage exact dedup, and its DocumentTokenizer.
+repetition and quality filters configured for Chinese (language "cmn_Hani", word thresholds
+relaxed for 1-3 character words), its 3-stage exact dedup, and its DocumentTokenizer.
 Timings exclude starting Ray (reported separately). Each configuration runs in a fresh
 subprocess.
 
@@ -106,8 +106,11 @@ def run_steelworks(work: Path, cpus: int, tok_dir: Path) -> dict:
 
 # --- datatrove ----------------------------------------------------------------------------
 
-def _text(doc) -> str:  # exact-dedup content getter; datatrove reads its return annotation
-    return doc.text
+def _text(doc) -> bytes:  # exact-dedup content getter; datatrove reads its return annotation
+    return doc.text.encode("utf-8")  # bytes: xxhash 4 no longer hashes str
+
+
+_text.__annotations__["return"] = bytes  # a real type, not the string `from __future__` leaves
 
 
 def run_datatrove(work: Path, workers: int, tok_dir: Path) -> dict:
@@ -142,14 +145,16 @@ def run_datatrove(work: Path, workers: int, tok_dir: Path) -> dict:
     stage1 = LocalPipelineExecutor([
         JsonlReader(str(work / "input")),
         Normalize(),
-        # Chinese-aware Gopher: one character is one word (jieba words are 1-3 characters),
+        # Chinese-aware Gopher ("cmn_Hani": spaCy + jieba words; datatrove maps "zh" to a
+        # blank multilingual tokenizer that does not split Chinese). Jieba words are 1-3 chars,
         # so the average-word-length and stop-word rules are relaxed.
-        GopherRepetitionFilter(language="zh", top_n_grams=(), dup_n_grams=((10, 0.5),)),
-        GopherQualityFilter(language="zh", min_doc_words=5, max_doc_words=100_000,
+        GopherRepetitionFilter(language="cmn_Hani", top_n_grams=(), dup_n_grams=((10, 0.5),)),
+        GopherQualityFilter(language="cmn_Hani", min_doc_words=5, max_doc_words=100_000,
                             min_avg_word_length=1, max_avg_word_length=10,
                             max_non_alpha_words_ratio=None, min_stop_words=None),
-        ExactDedupSignature(str(out / "sigs"), dedup),
+        # The writer passes documents on; the signature step consumes them (last).
         JsonlWriter(str(out / "filtered"), output_filename="${rank}.jsonl.gz"),
+        ExactDedupSignature(str(out / "sigs"), dedup),
     ], logging_dir=str(out / "logs1"), **kw)
     stage2 = LocalPipelineExecutor([ExactFindDedups(str(out / "sigs"), str(out / "dups"), dedup)],
                                    tasks=1, workers=1, logging_dir=str(out / "logs2"),
@@ -163,8 +168,8 @@ def run_datatrove(work: Path, workers: int, tok_dir: Path) -> dict:
     t0 = time.perf_counter()
     stage3.run()
     seconds = time.perf_counter() - t0
-    tokens = sum(json.loads(p.read_text()).get("token_count", 0) if p.suffix == ".json" else 0
-                 for p in (out / "tokens").rglob("*.metadata"))
+    # <file>.metadata: "tokenizer|token size", token count, human-readable count
+    tokens = sum(int(p.read_text().splitlines()[1]) for p in (out / "tokens").rglob("*.metadata"))
     kept = sum(1 for f in (out / "filtered").glob("*.jsonl.gz") for _ in __import__("gzip").open(f))
     return {"seconds": seconds, "kept_after_filters": kept, "token_files": len(list((out / "tokens").rglob("*.ds"))),
             "tokens": tokens}

@@ -95,12 +95,12 @@ def test_sft_mask_covers_exactly_assistant_turns(tiny_tokenizer_dir):
 
 
 def test_pack_joins_documents_with_end_of_document(tiny_tokenizer_dir):
-    from steelworks.data.pack import PackDocuments
+    from steelworks.data.pack import pack_documents
     from steelworks.data.tokenizer import document_end_id, load_tokenizer
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     docs = ["北京是中国的首都。", "Hello world!", "def add(a, b):\n    return a + b\n"] * 5
-    out = PackDocuments(str(tiny_tokenizer_dir), seq_len=16)(pd.DataFrame({"text": docs}))
+    out = pack_documents(pd.DataFrame({"text": docs}), str(tiny_tokenizer_dir), seq_len=16)
     stream = np.concatenate(list(out["tokens"]))
     expected = [t for d in docs for t in (*tok(d, add_special_tokens=False)["input_ids"], document_end_id(tok))]
     assert list(stream) == expected[: len(stream)]

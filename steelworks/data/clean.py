@@ -9,6 +9,7 @@ deduplication steps; SFT conversations are validated by their reader and filtere
 language (``SourceConfig.languages``). Exact dedup is a distributed group-by on the
 normalized-text hash (no global set in the driver); within a group the record with the
 smallest (path, line) wins, so the same input always keeps the same representative.
+Aggregations are per-block partial counts summed in the driver (``aggregate.totals_by``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from ray.data.expressions import col
 
 from steelworks.data.config import DataConfig, SourceConfig
 
@@ -35,25 +37,23 @@ def recipe_for(cfg: DataConfig, src: SourceConfig):
     return load_recipe(ref) if ref else Recipe.default(cfg.min_chars, cfg.max_chars)
 
 
-class ApplyRecipe:
+def apply_recipe(batch: pd.DataFrame, recipe, stat_columns: list[str], dedup_shards: int
+                 ) -> pd.DataFrame:
     """Ray Data batch function: normalize + filter with one recipe, then hash for dedup.
     Every recipe's stat columns are present (NaN where another recipe applies), so the
     datasets of sources with different recipes can be unioned."""
-
-    def __init__(self, recipe, stat_columns: list[str]) -> None:
-        self.recipe, self.stat_columns = recipe, stat_columns
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        batch = self.recipe.apply_batch(batch)
-        for col in self.stat_columns:
-            if col not in batch:
-                batch[col] = np.nan
-        # Quarantined/filtered rows get a unique key so they never group with kept text.
-        batch["hash"] = [
-            hashlib.sha1(t.encode("utf-8")).hexdigest() if s == KEPT else f"{p}:{n}"
-            for t, s, p, n in zip(batch["text"], batch["status"], batch["path"], batch["line"])
-        ]
-        return batch
+    batch = recipe.apply_batch(batch)
+    for name in stat_columns:
+        if name not in batch:
+            batch[name] = np.nan
+    # Quarantined/filtered rows get a unique key so they never group with kept text.
+    batch["hash"] = [
+        hashlib.sha1(t.encode("utf-8")).hexdigest() if s == KEPT else f"{p}:{n}"
+        for t, s, p, n in zip(batch["text"], batch["status"], batch["path"], batch["line"])
+    ]
+    batch["dedup_shard"] = [int(hashlib.sha1(h.encode()).hexdigest()[:8], 16) % dedup_shards
+                            for h in batch["hash"]]
+    return batch
 
 
 def filter_languages(batch: pd.DataFrame, allowed: list[str]) -> pd.DataFrame:
@@ -66,19 +66,15 @@ def filter_languages(batch: pd.DataFrame, allowed: list[str]) -> pd.DataFrame:
     return batch
 
 
-def mark_duplicates(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Within one hash group, keep the first kept record by (path, line); mark the rest.
-    Numpy, with a fast path for the common singleton group: this runs once per document."""
-    if len(group["status"]) == 1:
-        return group
-    order = np.lexsort((group["line"], group["path"]))
-    group = {k: v[order] for k, v in group.items()}
-    kept = np.flatnonzero(group["status"] == KEPT)
-    if len(kept) > 1:
-        status = group["status"].astype(object)
-        status[kept[1:]] = DUPLICATE
-        group["status"] = status
-    return group
+def mark_duplicates(group: pd.DataFrame) -> pd.DataFrame:
+    """One dedup shard (every row whose hash falls in it): within each hash, keep the kept
+    record with the smallest (path, line) and mark the other kept ones. Grouping by shard
+    rather than by hash keeps the group count small: Ray's per-group overhead is high."""
+    g = group.sort_values(["hash", "path", "line"], kind="stable")
+    kept = g["status"] == KEPT
+    dup = kept & g["hash"].where(kept).duplicated(keep="first")
+    g.loc[dup, "status"] = DUPLICATE
+    return g.drop(columns=["dedup_shard"])
 
 
 def _partitions(sources: list[SourceConfig]) -> int:
@@ -98,13 +94,17 @@ def clean_text(cfg: DataConfig, sources: list[SourceConfig], partitions: int):
 
     recipes = {s.name: recipe_for(cfg, s) for s in sources}
     stat_columns = sorted({f.column for r in recipes.values() for f in r.filters})
-    parts = [read_source(s).map_batches(ApplyRecipe, batch_format="pandas",
-                                        fn_constructor_args=(recipes[s.name], stat_columns))
+    parts = [read_source(s).map_batches(apply_recipe, batch_format="pandas",
+                                        fn_kwargs={"recipe": recipes[s.name],
+                                                   "stat_columns": stat_columns,
+                                                   "dedup_shards": 8 * partitions})
              for s in sources]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if cfg.dedup.exact:
-        ds = ds.groupby("hash", num_partitions=partitions).map_groups(mark_duplicates,
-                                                                     batch_format="numpy")
+        ds = ds.groupby("dedup_shard", num_partitions=partitions).map_groups(
+            mark_duplicates, batch_format="pandas")
+    else:
+        ds = ds.drop_columns(["dedup_shard"])
     if cfg.dedup.minhash.enabled:
         from steelworks.data.minhash import minhash_dedup
 
@@ -125,11 +125,13 @@ def clean_sft(sources: list[SourceConfig]):
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def count_statuses(ds, partitions: int) -> dict[str, dict[str, int]]:
+def count_statuses(ds) -> dict[str, dict[str, int]]:
     """{source: {status: n, ..., "read": total}}; only these counts reach the driver."""
+    from steelworks.data.aggregate import totals_by
+
     counts: dict[str, dict[str, int]] = {}
-    for row in ds.groupby(["source", "status"], num_partitions=partitions).count().take_all():
-        counts.setdefault(row["source"], {})[row["status"]] = int(row["count()"])
+    for (source, status), t in sorted(totals_by(ds, ["source", "status"]).items()):
+        counts.setdefault(source, {})[status] = t["count"]
     for c in counts.values():
         c["read"] = sum(c.values())
     return counts
@@ -156,20 +158,21 @@ def run_clean(cfg: DataConfig, sources: list[SourceConfig], sft_sources: list[So
     if sources:
         ds, recipes = clean_text(cfg, sources, partitions)
         ds = ds.materialize()
-        counts.update(count_statuses(ds, partitions))
-        kept = (ds.filter(lambda r: r["status"] == KEPT).select_columns(CLEAN_COLUMNS)
-                  .sort(["path", "line"]).repartition(cfg.num_shards))
+        counts.update(count_statuses(ds))
+        # No global sort: the order is deterministic (preserve_order) and, after the dedup
+        # shuffle, a hash order, so any prefix is a fair sample (the tokenizer trains on one).
+        kept = (ds.filter(expr=col("status") == KEPT).select_columns(CLEAN_COLUMNS)
+                  .repartition(cfg.num_shards))
         outputs += write_parquet_dir(kept, out_dir, "clean")
         plots = write_stats(ds, recipes, sources, out_dir, cfg.stats_sample)
         outputs += plots
-        quarantined += ds.filter(lambda r: r["status"] == QUARANTINED).take_all()
+        quarantined += ds.filter(expr=col("status") == QUARANTINED).take_all()
     if sft_sources:
         sft = clean_sft(sft_sources).materialize()
-        counts.update(count_statuses(sft, partitions))
-        kept = (sft.filter(lambda r: r["status"] == KEPT).select_columns(SFT_COLUMNS)
-                   .sort(["path", "line"]).repartition(1))
+        counts.update(count_statuses(sft))
+        kept = sft.filter(expr=col("status") == KEPT).select_columns(SFT_COLUMNS).repartition(1)
         outputs += write_parquet_dir(kept, out_dir, "sft")
-        quarantined += sft.filter(lambda r: r["status"] == QUARANTINED).take_all()
+        quarantined += sft.filter(expr=col("status") == QUARANTINED).take_all()
 
     quarantined.sort(key=lambda r: (r["path"], r["line"]))
     with atomic_open(out_dir / "quarantine.jsonl") as f:
@@ -192,7 +195,7 @@ def write_stats(ds, recipes: dict[str, Any], sources: list[SourceConfig], out_di
     from steelworks.platform.atomic import atomic_open
 
     cols = sorted({f.column for r in recipes.values() for f in r.filters})
-    rows = (ds.filter(lambda r: r["status"] not in (QUARANTINED,))
+    rows = (ds.filter(expr=col("status") != QUARANTINED)
               .select_columns(["source", "path", "line", "status", *cols]).limit(sample))
     stats = rows.to_pandas()
     (out_dir / "stats").mkdir(parents=True, exist_ok=True)

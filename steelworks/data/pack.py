@@ -15,6 +15,7 @@ segment-id array.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -23,40 +24,34 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from ray.data.expressions import col
 
+from steelworks.data.aggregate import totals_by
 from steelworks.data.shards import ShardIndex, ShardInfo, token_dtype, write_shard
 
 PACK_DOCS_PER_BATCH = 2048  # documents tokenized and packed together by one task
 
 
-def _actors():
-    """Actor pool for tokenizing: up to one actor per CPU of the cluster (a fixed pool
-    larger than the cluster would never start on a 1-CPU cluster)."""
-    import ray
+@functools.lru_cache(maxsize=4)
+def _load(tokenizer_dir: str):
+    """The tokenizer and its end-of-document id, loaded once per worker process. Plain
+    tasks with this cache, not an actor pool: an actor holding the only CPU of a 1-CPU
+    cluster starves the read tasks that feed it."""
+    from steelworks.data.tokenizer import document_end_id, load_tokenizer
 
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1))))
-
-
-class _Tokenizing:
-    """Ray Data callable class: loads the tokenizer once per worker."""
-
-    def __init__(self, tokenizer_dir: str) -> None:
-        from steelworks.data.tokenizer import document_end_id, load_tokenizer
-
-        self.tok = load_tokenizer(tokenizer_dir)
-        self.eod = document_end_id(self.tok)
+    tok = load_tokenizer(tokenizer_dir)
+    return tok, document_end_id(tok)
 
 
-class TokenizeDocuments(_Tokenizing):
+def tokenize_documents(batch: pd.DataFrame, tokenizer_dir: str) -> pd.DataFrame:
     """text -> tokens (int32, ending in <|endoftext|>) and their count, per document."""
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        ids = self.tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
-        tokens = [np.array([*doc, self.eod], dtype=np.int32) for doc in ids]
-        out = batch.drop(columns=["text"])
-        out["tokens"] = tokens
-        out["ntok"] = np.array([len(t) for t in tokens], dtype=np.int64)
-        return out
+    tok, eod = _load(tokenizer_dir)
+    ids = tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
+    tokens = [np.array([*doc, eod], dtype=np.int32) for doc in ids]
+    out = batch.drop(columns=["text"])
+    out["tokens"] = tokens
+    out["ntok"] = np.array([len(t) for t in tokens], dtype=np.int64)
+    return out
 
 
 def pack_rows(batch: pd.DataFrame, seq_len: int) -> pd.DataFrame:
@@ -74,17 +69,11 @@ def pack_rows(batch: pd.DataFrame, seq_len: int) -> pd.DataFrame:
                          "source_tokens": per_source})
 
 
-class PackDocuments(TokenizeDocuments):
+def pack_documents(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int) -> pd.DataFrame:
     """text -> packed rows in one step (the natural mix: no sampling)."""
-
-    def __init__(self, tokenizer_dir: str, seq_len: int) -> None:
-        super().__init__(tokenizer_dir)
-        self.seq_len = seq_len
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        if "source" not in batch:
-            batch = batch.assign(source="")
-        return pack_rows(super().__call__(batch), self.seq_len)
+    if "source" not in batch:
+        batch = batch.assign(source="")
+    return pack_rows(tokenize_documents(batch, tokenizer_dir), seq_len)
 
 
 def mix_weights(tokens: dict[str, int], ratios: dict[str, float | None],
@@ -114,26 +103,21 @@ def sample_documents(batch: pd.DataFrame, weights: dict[str, float], seed: int) 
     return batch.iloc[np.repeat(np.arange(len(batch)), copies)].reset_index(drop=True)
 
 
-class WriteShards:
+def write_shards(batch: pd.DataFrame, out_dir: str, vocab_size: int) -> pd.DataFrame:
     """Writes one shard per batch; the name is the content hash, so it is deterministic."""
-
-    def __init__(self, out_dir: str, vocab_size: int) -> None:
-        self.out_dir, self.dtype = Path(out_dir), token_dtype(vocab_size)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        tokens = np.stack(list(batch["tokens"]))
-        mask = np.stack(list(batch["mask"])) if "mask" in batch else None
-        segments = np.stack(list(batch["segments"])) if "segments" in batch else None
-        name = "shard-" + hashlib.sha256(tokens.astype(np.int64).tobytes()).hexdigest()[:16] + ".bin"
-        info = write_shard(self.out_dir / name, tokens, self.dtype, mask, segments=segments)
-        return pd.DataFrame([{**info.__dict__, "first_row": tokens[0].astype(np.int64).tobytes().hex()}])
+    tokens = np.stack(list(batch["tokens"]))
+    mask = np.stack(list(batch["mask"])) if "mask" in batch else None
+    segments = np.stack(list(batch["segments"])) if "segments" in batch else None
+    name = "shard-" + hashlib.sha256(tokens.astype(np.int64).tobytes()).hexdigest()[:16] + ".bin"
+    info = write_shard(Path(out_dir) / name, tokens, token_dtype(vocab_size), mask,
+                       segments=segments)
+    return pd.DataFrame([{**info.__dict__, "first_row": tokens[0].astype(np.int64).tobytes().hex()}])
 
 
 def _write(ds, out_dir: Path, vocab_size: int, rows_per_shard: int) -> list[ShardInfo]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = ds.map_batches(WriteShards, fn_constructor_kwargs={"out_dir": str(out_dir),
-                          "vocab_size": vocab_size}, batch_size=rows_per_shard,
-                          batch_format="pandas", compute=_actors()).take_all()
+    meta = ds.map_batches(write_shards, fn_kwargs={"out_dir": str(out_dir), "vocab_size": vocab_size},
+                          batch_size=rows_per_shard, batch_format="pandas").take_all()
     # Order shards by content (preserve_order makes the set deterministic; this the order).
     meta.sort(key=lambda r: r["first_row"])
     return [ShardInfo(**{k: (None if isinstance(v, float) and math.isnan(v) else v)
@@ -147,14 +131,14 @@ def pack_pretrain(clean_files: list[Path], tokenizer_dir: Path, out_dir: Path, s
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.read_parquet([str(f) for f in clean_files], columns=["source", "path", "line", "text"])
+    ds = ray.data.read_parquet([str(f) for f in clean_files]).select_columns(
+        ["source", "path", "line", "text"])
     tok_kwargs = {"tokenizer_dir": str(tokenizer_dir)}
     metrics: dict[str, Any] = {}
     if ratios and (any(r is not None for r in ratios.values()) or total_tokens is not None):
-        docs = ds.map_batches(TokenizeDocuments, batch_size=PACK_DOCS_PER_BATCH, batch_format="pandas",
-                              fn_constructor_kwargs=tok_kwargs, compute=_actors()).materialize()
-        available = {r["source"]: int(r["sum(ntok)"])
-                     for r in docs.groupby("source", num_partitions=1).sum("ntok").take_all()}
+        docs = ds.map_batches(tokenize_documents, batch_size=PACK_DOCS_PER_BATCH, batch_format="pandas",
+                              fn_kwargs=tok_kwargs).materialize()
+        available = {s: t["ntok"] for s, t in totals_by(docs, ["source"], ["ntok"]).items()}
         weights = mix_weights(available, ratios, total_tokens)
         metrics["mix"] = {"available_tokens": available, "weights": weights,
                           "target_ratios": ratios}
@@ -163,13 +147,12 @@ def pack_pretrain(clean_files: list[Path], tokenizer_dir: Path, out_dir: Path, s
                       .map_batches(pack_rows, batch_size=PACK_DOCS_PER_BATCH, batch_format="pandas",
                                    fn_kwargs={"seq_len": seq_len}))
     else:
-        packed = ds.map_batches(PackDocuments, batch_size=PACK_DOCS_PER_BATCH, batch_format="pandas",
-                                fn_constructor_kwargs={**tok_kwargs, "seq_len": seq_len},
-                                compute=_actors())
+        packed = ds.map_batches(pack_documents, batch_size=PACK_DOCS_PER_BATCH, batch_format="pandas",
+                                fn_kwargs={**tok_kwargs, "seq_len": seq_len})
     packed = packed.materialize()
-    stats = packed.select_columns(["docs", "dropped"]).sum(["docs", "dropped"])
+    stats = totals_by(packed, [], ["docs", "dropped"]).get(None, {"docs": 0, "dropped": 0})
     per_source: dict[str, int] = {}
-    for row in packed.filter(expr="source_tokens != ''").select_columns(["source_tokens"]).take_all():
+    for row in packed.filter(expr=col("source_tokens") != "").select_columns(["source_tokens"]).take_all():
         for s, n in json.loads(row["source_tokens"]).items():
             per_source[s] = per_source.get(s, 0) + int(n)
     total = sum(per_source.values())
@@ -178,39 +161,45 @@ def pack_pretrain(clean_files: list[Path], tokenizer_dir: Path, out_dir: Path, s
     index.save(out_dir)
     metrics.update({
         "sequences": index.num_sequences, "tokens": index.num_sequences * seq_len,
-        "documents": int(stats["sum(docs)"] or 0),
-        "dropped_tail_tokens": int(stats["sum(dropped)"] or 0), "shards": len(shards),
+        "documents": stats["docs"], "dropped_tail_tokens": stats["dropped"], "shards": len(shards),
         "source_tokens": per_source,
         "achieved_shares": {s: round(n / total, 4) for s, n in per_source.items()} if total else {}})
     return metrics
 
 
-class EncodeConversations(_Tokenizing):
-    def __init__(self, tokenizer_dir: str, seq_len: int, pack: bool = False) -> None:
-        super().__init__(tokenizer_dir)
-        self.seq_len, self.pack = seq_len, pack
+def encode_conversations(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int,
+                         pack: bool = False) -> pd.DataFrame:
+    from steelworks.data.sft import encode_conversation, pack_samples
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from steelworks.data.sft import encode_conversation, pack_samples
-
-        samples, truncated = [], []
-        for messages in batch["messages"]:
-            msgs = json.loads(messages) if isinstance(messages, str) else list(messages)
-            t, m, tr = encode_conversation(self.tok, [dict(x) for x in msgs], self.seq_len,
-                                           pad=not self.pack)
-            samples.append((t, m))
-            truncated.append(tr)
-        types = list(batch["task_type"])
-        if not self.pack:
-            return pd.DataFrame({"tokens": [t for t, _ in samples], "mask": [m for _, m in samples],
-                                 "truncated": truncated, "task_type": types})
-        tokens, mask, segments = pack_samples(samples, self.seq_len, self.tok.pad_token_id)
-        # Counters ride on the first row: the task types of this batch's samples.
-        n = len(tokens)
-        first = [json.dumps(pd.Series(types).value_counts().to_dict())] + [""] * (n - 1)
-        return pd.DataFrame({"tokens": list(tokens), "mask": list(mask), "segments": list(segments),
-                             "truncated": [sum(truncated)] + [0] * (n - 1),
-                             "task_types": first, "samples": [len(samples)] + [0] * (n - 1)})
+    tok, _ = _load(tokenizer_dir)
+    samples, truncated, types, no_target = [], [], [], 0
+    for messages, task_type in zip(batch["messages"], batch["task_type"]):
+        msgs = json.loads(messages) if isinstance(messages, str) else list(messages)
+        t, m, tr = encode_conversation(tok, [dict(x) for x in msgs], seq_len, pad=not pack)
+        if not m.any():  # cut before its first assistant token: nothing to learn from
+            no_target += 1
+            continue
+        samples.append((t, m))
+        truncated.append(tr)
+        types.append(task_type)
+    if not pack:
+        # The per-batch count of dropped samples rides on the first row.
+        return pd.DataFrame({"tokens": [t for t, _ in samples], "mask": [m for _, m in samples],
+                             "truncated": truncated, "task_type": types,
+                             "no_target": [no_target] + [0] * (len(samples) - 1)}
+                            if samples else {c: [] for c in ("tokens", "mask", "truncated",
+                                                             "task_type", "no_target")})
+    if not samples:
+        return pd.DataFrame({c: [] for c in ("tokens", "mask", "segments", "truncated",
+                                             "task_types", "samples", "no_target")})
+    tokens, mask, segments = pack_samples(samples, seq_len, tok.pad_token_id)
+    # Counters ride on the first row: the task types of this batch's samples.
+    n = len(tokens)
+    first = [json.dumps(pd.Series(types).value_counts().to_dict())] + [""] * (n - 1)
+    return pd.DataFrame({"tokens": list(tokens), "mask": list(mask), "segments": list(segments),
+                         "truncated": [sum(truncated)] + [0] * (n - 1),
+                         "task_types": first, "samples": [len(samples)] + [0] * (n - 1),
+                         "no_target": [no_target] + [0] * (n - 1)})
 
 
 def build_sft(sft_files: list[Path], tokenizer_dir: Path, out_dir: Path, seq_len: int,
@@ -218,26 +207,26 @@ def build_sft(sft_files: list[Path], tokenizer_dir: Path, out_dir: Path, seq_len
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.read_parquet([str(f) for f in sft_files], columns=["messages", "task_type"])
-    ds = ds.map_batches(EncodeConversations, batch_size=256, batch_format="pandas", compute=_actors(),
-                        fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir),
-                                               "seq_len": seq_len, "pack": pack}).materialize()
+    ds = ray.data.read_parquet([str(f) for f in sft_files]).select_columns(["messages", "task_type"])
+    ds = ds.map_batches(encode_conversations, batch_size=256, batch_format="pandas",
+                        fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": seq_len,
+                                   "pack": pack}).materialize()
     by_type: dict[str, int] = {}
     if pack:
-        for row in ds.filter(expr="task_types != ''").select_columns(["task_types"]).take_all():
+        for row in ds.filter(expr=col("task_types") != "").select_columns(["task_types"]).take_all():
             for t, n in json.loads(row["task_types"]).items():
                 by_type[t] = by_type.get(t, 0) + int(n)
-        samples = int(ds.sum("samples") or 0)
+        samples = totals_by(ds, [], ["samples"]).get(None, {"samples": 0})["samples"]
         columns = ["tokens", "mask", "segments"]
     else:
-        for r in ds.groupby("task_type", num_partitions=1).count().take_all():
-            by_type[r["task_type"]] = int(r["count()"])
-        samples = ds.count()
+        by_type = {t: c["count"] for t, c in totals_by(ds, ["task_type"]).items()}
+        samples = sum(by_type.values())
         columns = ["tokens", "mask"]
-    truncated = int(ds.sum("truncated") or 0)
+    t = totals_by(ds, [], ["truncated", "no_target"]).get(None, {"truncated": 0, "no_target": 0})
     shards = _write(ds.select_columns(columns), out_dir, vocab_size, rows_per_shard)
     index = ShardIndex(seq_len, str(token_dtype(vocab_size)), vocab_size, pad_id, "sft", shards)
     index.save(out_dir)
     return {"samples": samples, "rows": index.num_sequences, "packed": pack,
-            "task_types": dict(sorted(by_type.items())), "truncated": truncated,
+            "task_types": dict(sorted(by_type.items())), "truncated": t["truncated"],
+            "dropped_no_target": t["no_target"],
             "shards": len(shards)}
