@@ -77,6 +77,21 @@ def mark_duplicates(group: pd.DataFrame) -> pd.DataFrame:
     return g.drop(columns=["dedup_shard"])
 
 
+def data_context(partitions: int | None = None):
+    """Ray Data settings for the data jobs: deterministic block order, and no per-operator
+    resource reservation. Ray reserves a share of the cluster for each operator by default,
+    which on a 2-CPU cluster leaves the map before a shuffle one CPU while the shuffle's
+    share sits idle until the map is done (measured: no 1 -> 2 CPU speedup with it on)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic outputs, run after run
+    ctx.op_resource_reservation_enabled = False
+    if partitions:
+        ctx.default_hash_shuffle_parallelism = partitions
+    return ctx
+
+
 def _partitions(sources: list[SourceConfig]) -> int:
     """Ray's default of 200 shuffle partitions costs minutes of task overhead on small inputs;
     use one partition per ~128 MB of input, at least one per CPU in the cluster."""
@@ -142,14 +157,11 @@ def run_clean(cfg: DataConfig, sources: list[SourceConfig], sft_sources: list[So
     """Run the cleaning job. Writes ``clean/`` (pretraining text), ``sft/`` (conversations),
     ``stats/`` + ``plots/`` (per-document filter stats and their histograms) and
     ``quarantine.jsonl``."""
-    import ray
 
     from steelworks.platform.atomic import atomic_open
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic outputs, run after run
     partitions = _partitions(sources + sft_sources)
-    ctx.default_hash_shuffle_parallelism = partitions
+    data_context(partitions)
     outputs: list[str] = []
     counts: dict[str, dict[str, int]] = {}
     quarantined: list[dict[str, Any]] = []

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import pandas as pd
 from ray.data.expressions import col
 
 from steelworks.data.aggregate import totals_by
+from steelworks.data.clean import data_context
 from steelworks.data.shards import ShardIndex, ShardInfo, token_dtype, write_shard
 
 PACK_DOCS_PER_BATCH = 2048  # documents tokenized and packed together by one task
@@ -39,6 +41,9 @@ def _load(tokenizer_dir: str):
     cluster starves the read tasks that feed it."""
     from steelworks.data.tokenizer import document_end_id, load_tokenizer
 
+    # One thread per task: Ray gives each task one CPU and runs one task per CPU. The Rust
+    # tokenizer's own thread pool would otherwise oversubscribe the node.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = load_tokenizer(tokenizer_dir)
     return tok, document_end_id(tok)
 
@@ -124,15 +129,29 @@ def _write(ds, out_dir: Path, vocab_size: int, rows_per_shard: int) -> list[Shar
                          for k, v in r.items() if k != "first_row"}) for r in meta]
 
 
+def _read_blocks(files: list[Path]) -> int:
+    """Blocks to tokenize: enough for every CPU to work in parallel (one per ~16 MB of
+    cleaned text, at least two per CPU)."""
+    import ray
+
+    size = sum(f.stat().st_size for f in files)
+    return max(2 * int(ray.cluster_resources().get("CPU", 1)), size // (16 << 20), 1)
+
+
 def pack_pretrain(clean_files: list[Path], tokenizer_dir: Path, out_dir: Path, seq_len: int,
                   rows_per_shard: int, vocab_size: int, pad_id: int,
                   ratios: dict[str, float | None] | None = None, total_tokens: int | None = None,
                   seed: int = 0) -> dict[str, Any]:
     import ray
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.read_parquet([str(f) for f in clean_files]).select_columns(
-        ["source", "path", "line", "text"])
+    data_context()
+    # Re-block after reading: a cleaned shard is one block, and the tokenizing map would
+    # otherwise fuse with the read into one task per shard (no parallelism with 1-2 shards).
+    # Split into blocks after reading: Ray reads small shards into one block, and one block
+    # is tokenized by one task, one CPU.
+    ds = (ray.data.read_parquet([str(f) for f in clean_files])
+          .select_columns(["source", "path", "line", "text"])
+          .repartition(_read_blocks(clean_files)))
     tok_kwargs = {"tokenizer_dir": str(tokenizer_dir)}
     metrics: dict[str, Any] = {}
     if ratios and (any(r is not None for r in ratios.values()) or total_tokens is not None):
@@ -206,7 +225,7 @@ def build_sft(sft_files: list[Path], tokenizer_dir: Path, out_dir: Path, seq_len
               rows_per_shard: int, vocab_size: int, pad_id: int, pack: bool = False) -> dict[str, Any]:
     import ray
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    data_context()
     ds = ray.data.read_parquet([str(f) for f in sft_files]).select_columns(["messages", "task_type"])
     ds = ds.map_batches(encode_conversations, batch_size=256, batch_format="pandas",
                         fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": seq_len,
