@@ -171,10 +171,10 @@ def run_clean(cfg: DataConfig, sources: list[SourceConfig], sft_sources: list[So
         ds, recipes = clean_text(cfg, sources, partitions)
         ds = ds.materialize()
         counts.update(count_statuses(ds))
-        # No global sort: the order is deterministic (preserve_order) and, after the dedup
-        # shuffle, a hash order, so any prefix is a fair sample (the tokenizer trains on one).
+        # Back to input order (the dedup shuffle left hash order): packed sequences then
+        # join documents the way the corpus had them, whatever the partitioning.
         kept = (ds.filter(expr=col("status") == KEPT).select_columns(CLEAN_COLUMNS)
-                  .repartition(cfg.num_shards))
+                  .sort(["path", "line"]).repartition(cfg.num_shards))
         outputs += write_parquet_dir(kept, out_dir, "clean")
         plots = write_stats(ds, recipes, sources, out_dir, cfg.stats_sample)
         outputs += plots
