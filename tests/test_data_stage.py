@@ -40,7 +40,12 @@ def corpora(tmp_path_factory, ray_local):
     # Paths in the config are relative to the repository root, where the CLI runs.
     for s in cfg.data.sources + cfg.data.sft_sources:
         s.path = str((ROOT / s.path).resolve())
-    cfg.data.sft_sources.append(SourceConfig(name="bad", path=str(bad), format="openai"))
+    fixtures = ROOT / "tests" / "fixtures" / "readers"
+    cfg.data.sft_sources += [
+        SourceConfig(name="bad", path=str(bad), format="openai"),
+        SourceConfig(name="infinity", path=str(fixtures / "infinity_instruct.jsonl"),
+                     format="infinity_instruct", languages=["zh"]),
+        SourceConfig(name="exam", path=str(fixtures / "wanjuan_exam.jsonl"), format="wanjuan_exam")]
     data, tok = run_data(cfg), run_tokenizer(cfg)
     return cfg, data, tok, tmp / "runs" / "corpora"
 
@@ -53,6 +58,9 @@ def test_every_record_is_accounted_for(corpora):
         assert c["read"] == n, source
         assert c["read"] == sum(v for k, v in c.items() if k != "read"), source
     assert counts["bad"] == {"read": 4, "kept": 2, "quarantined": 2}
+    # Infinity-Instruct's langdetect filter: the zh-cn record kept, the en one filtered.
+    assert counts["infinity"] == {"read": 2, "kept": 1, "filtered:language": 1}
+    assert counts["exam"] == {"read": 4, "kept": 4}  # 2 items x (answer-first, cot)
     text = counts["skypile_zh"]
     # Steel-LLM's thresholds drop about half of SkyPile (alnum <= 0.9 counts Han characters
     # as alphanumeric, as data-juicer does; avg line <= 150 fails single-line paragraphs).
@@ -129,8 +137,10 @@ def test_sft_samples_are_tagged_and_packed(corpora):
     types = sft["task_types"]
     # Samples whose prompt alone fills sft_seq_len have nothing to learn from: dropped, counted.
     assert sum(types.values()) + sft["dropped_no_target"] == sum(
-        v for k, v in RECORDS.items() if k in ("belle", "firefly", "self_cognition")) + 2
+        v for k, v in RECORDS.items() if k in ("belle", "firefly", "self_cognition")) + 2 + 1 + 4
     assert types["self_cognition"] == 100 and types["chat"] == 2  # 2 good lines of the bad file
+    assert types["infinity_instruct"] == 1
+    assert types["exam_answer_first"] == types["exam_cot"] == 2
     assert 0 < sft["dropped_no_target"] < 100 and types["instruction"] > 950
     assert sft["packed"] and sft["rows"] < sft["samples"]
     shard_dir = root / "tokenizer" / "shards" / "sft"
