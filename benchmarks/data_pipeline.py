@@ -202,8 +202,10 @@ def _child(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _spawn(kind: str, work: Path, cpus: int) -> dict:
+def _spawn(kind: str, work: Path, cpus: int, pin: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--cpus", str(cpus), "--work", str(work)]
+    if pin:  # the run and every Ray process it starts get exactly `cpus` cores
+        cmd = ["taskset", "-c", ",".join(str(c) for c in range(cpus)), *cmd]
     print(f"$ {' '.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stdout.splitlines():
@@ -221,6 +223,9 @@ def main() -> None:
                     help=argparse.SUPPRESS)
     ap.add_argument("--no-datatrove", action="store_true",
                     help="only the steelworks runs (1 -> 2 CPU scaling on larger inputs)")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin each steelworks run to as many cores as Ray CPUs (taskset), so the "
+                         "1-CPU run cannot borrow the second core for Ray's own processes")
     ap.add_argument("--cpus", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -234,8 +239,8 @@ def main() -> None:
     mb = inp["bytes"] / 1e6
     print(f"input: {inp['docs']} docs, {mb:.1f} MB in {inp['files']} files", flush=True)
     results = {} if args.no_datatrove else {"datatrove_2": _spawn("datatrove", work, 2)}
-    results["steelworks_1"] = _spawn("steelworks", work, 1)
-    results["steelworks_2"] = _spawn("steelworks", work, 2)
+    results["steelworks_1"] = _spawn("steelworks", work, 1, args.pin)
+    results["steelworks_2"] = _spawn("steelworks", work, 2, args.pin)
     if not args.no_datatrove:
         results["steelworks_2_loose"] = _spawn("steelworks_loose", work, 2)
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cores; date {time.strftime('%Y-%m-%d')}")
@@ -249,7 +254,7 @@ def main() -> None:
         print(f"\nsteelworks / datatrove throughput at 2 workers: {dt / sw:.2f}x "
               f"(loose thresholds, ~all kept: {dt / results['steelworks_2_loose']['seconds']:.2f}x)")
     print(f"steelworks speedup 1 -> 2 Ray CPUs: {results['steelworks_1']['seconds'] / sw:.2f}x")
-    (work / f"results-{int(args.mb)}mb.json").write_text(json.dumps({"input": inp, "results": results}, indent=1))
+    (work / f"results-{int(args.mb)}mb{'-pinned' if args.pin else ''}.json").write_text(json.dumps({"input": inp, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
