@@ -105,3 +105,66 @@ def test_pack_joins_documents_with_end_of_document(tiny_tokenizer_dir):
     expected = [t for d in docs for t in (*tok(d, add_special_tokens=False)["input_ids"], document_end_id(tok))]
     assert list(stream) == expected[: len(stream)]
     assert int(out["docs"].sum()) == len(docs) and int(out["dropped"].sum()) == len(expected) - len(stream)
+
+
+def _set(directory, start, n, seq_len=9, vocab=1000, segments=None, mask=None):
+    """A one-shard set whose rows are distinguishable by their first token (start + i)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens = np.tile(np.arange(start, start + n)[:, None], (1, seq_len))
+    dt = token_dtype(vocab)
+    info = write_shard(directory / "s0.bin", tokens, dt, mask, segments)
+    ShardIndex(seq_len, str(dt), vocab, 0, "sft" if mask is not None else "pretrain", [info]).save(directory)
+
+
+def _firsts(loader, steps):
+    return [int(r[0]) for _ in range(steps) for b in loader.next_step() for r in b.input_ids]
+
+
+def test_appended_shards_are_seen_once_and_nothing_old_repeats(tmp_path):
+    _set(tmp_path / "a", 0, 24)
+    old = PackedLoader(tmp_path / "a", 0, 1, micro_batch=2, grad_accum=1, seed=7)
+    seen = _firsts(old, 5)  # 10 of 24 old sequences trained
+    state = old.state_dict()
+    _set(tmp_path / "b", 100, 12)  # 12 new sequences arrive
+    resumed = PackedLoader([tmp_path / "a", tmp_path / "b"], 0, 1, micro_batch=2, grad_accum=1, seed=7)
+    resumed.load_state_dict(state)
+    assert resumed.appended == [str(tmp_path / "b" / "s0.bin")]
+    rest = _firsts(resumed, (24 + 12 - 10) // 2)  # the rest of the epoch
+    assert sorted(seen + rest) == list(range(24)) + list(range(100, 112))
+    new_positions = [i for i, x in enumerate(rest) if x >= 100]
+    assert new_positions[0] < 10 and new_positions[-1] > len(rest) - 10, "new data is mixed in, not tacked on"
+    # the append is part of the state: a second resume (no new shards) continues exactly
+    mid = PackedLoader([tmp_path / "a", tmp_path / "b"], 0, 1, micro_batch=2, grad_accum=1, seed=7)
+    mid.load_state_dict(state)
+    head = _firsts(mid, 4)
+    again = PackedLoader([tmp_path / "a", tmp_path / "b"], 0, 1, micro_batch=2, grad_accum=1, seed=7)
+    again.load_state_dict(mid.state_dict())
+    assert again.appended == [] and head + _firsts(again, len(rest) // 2 - 4) == rest
+    # the next epoch is a fresh permutation of everything
+    assert sorted(_firsts(again, 18)) == list(range(24)) + list(range(100, 112))
+
+
+def test_shard_with_known_content_is_refused(tmp_path):
+    _set(tmp_path / "a", 0, 8)
+    _set(tmp_path / "copy", 0, 8)
+    with pytest.raises(ValueError, match="same content"):
+        PackedLoader([tmp_path / "a", tmp_path / "copy"], 0, 1, micro_batch=2, grad_accum=1, seed=0)
+
+
+def test_missing_shard_is_named_on_resume(tmp_path):
+    _set(tmp_path / "a", 0, 8)
+    _set(tmp_path / "b", 50, 8)
+    state = PackedLoader([tmp_path / "a", tmp_path / "b"], 0, 1, micro_batch=2, grad_accum=1, seed=0).state_dict()
+    with pytest.raises(ValueError, match="b/s0.bin"):
+        PackedLoader(tmp_path / "a", 0, 1, micro_batch=2, grad_accum=1, seed=0).load_state_dict(state)
+
+
+def test_packed_rows_restart_positions_and_hide_boundaries(tmp_path):
+    seg = np.array([[1, 1, 1, 2, 2, 3, 3, 3, 0]], dtype=np.uint16)
+    mask = np.array([[0, 1, 1, 0, 1, 0, 1, 1, 0]], dtype=np.uint8)
+    _set(tmp_path, 10, 1, segments=seg, mask=mask)
+    b = PackedLoader(tmp_path, 0, 1, micro_batch=1, grad_accum=1, seed=0).next_step()[0]
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2][: b.input_ids.size(1)]]
+    # labels: mask shifted by one, minus the boundary targets (token 3 -> first of sample 2)
+    assert (b.labels != -100).long().tolist() == [[1, 1, 0, 1, 0, 1, 1]]
+    assert b.sample_ids.tolist() == [[1, 1, 0, 2, 0, 3, 3]]

@@ -126,7 +126,7 @@ def _run_train_stage(cfg: PipelineConfig, name: str, force: bool) -> dict[str, A
     # Resume only checkpoints made by this exact config and inputs; otherwise start clean.
     marker = stage.dir / "fingerprint.txt"
     if force or not marker.exists() or marker.read_text() != stage.fingerprint:
-        for d in ("checkpoints", "hf", "ray", "metrics.jsonl"):
+        for d in ("checkpoints", "hf", "tensorboard", "metrics.jsonl"):
             p = stage.dir / d
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         marker.write_text(stage.fingerprint)

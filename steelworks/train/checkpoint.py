@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,10 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict[str, Any],
-                    keep_last: int) -> Path:
+                    keep_last: int | None, before_commit: Callable[[], None] | None = None) -> Path:
+    """Write ``step_NNNNNNNN/`` atomically; prune to the newest ``keep_last`` (None: the caller
+    prunes, e.g. Ray Train's ``CheckpointConfig.num_to_keep``). ``before_commit`` runs after
+    the data is written and before the rename (tests inject a crash there)."""
     rank, world = _dist()
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:08d}"
@@ -60,14 +64,17 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: di
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
     atomic_write_json(tmp / f"rng_rank{rank}.json", {"torch": rng})
+    if before_commit is not None:
+        before_commit()
     _barrier()
     if rank == 0:
         atomic_write_json(tmp / "meta.json", {"step": step, "world_size": world, **extra})
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in sorted(p for p in ckpt_dir.glob("step_*") if not p.name.endswith(".tmp"))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        if keep_last:
+            for old in sorted(p for p in ckpt_dir.glob("step_*") if not p.name.endswith(".tmp"))[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 

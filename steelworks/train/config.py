@@ -56,9 +56,17 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end
     keep_last: int = 2
+    # "token": every target token in the global batch weighs the same; "sample": every
+    # sample (packed SFT: every segment) does, so short answers are not outweighed.
     loss_avg: Literal["token", "sample"] = "token"
     activation_checkpointing: bool = False
     compile: bool = False
+    # More shard directories trained together with the stage's own; adding one to a run
+    # that already has checkpoints appends it (see train/data.py).
+    extra_data: list[str] = field(default_factory=list)
+    max_failures: int = 0  # Ray Train restarts the worker group from the last checkpoint
+    tensorboard: bool = True  # event files under <out>/tensorboard
+    wandb_project: str | None = None  # logs to wandb when set and wandb is installed
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 and self.epochs is None:

@@ -11,14 +11,13 @@ from steelworks.train.config import TrainConfig
 from steelworks.train.loop import train_loop
 
 
-def run_training(job: dict[str, Any], cfg: TrainConfig, use_ray: bool = True,
-                 max_failures: int = 0) -> dict[str, Any]:
+def run_training(job: dict[str, Any], cfg: TrainConfig, use_ray: bool = True) -> dict[str, Any]:
     out_dir = Path(job["out_dir"]).resolve()
     job = {**job, "out_dir": str(out_dir)}
     if not use_ray:
         return train_loop(job)
 
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
@@ -26,9 +25,13 @@ def run_training(job: dict[str, Any], cfg: TrainConfig, use_ray: bool = True,
         train_loop_config={**job, "ray": True},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": 1} if not cfg.use_gpu else None),
-        # Ray Train's own storage keeps its run state; our checkpoints live in out_dir.
-        run_config=RunConfig(name=f"{job.get('task', 'train')}", storage_path=str(out_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+        # The run's storage directory is <out_dir>/checkpoints: workers write DCP checkpoints
+        # there and report them, Ray keeps the newest keep_last and hands the latest to a
+        # restarted worker group (FailureConfig). On a multi-node cluster out_dir must be on
+        # shared storage (NFS, or a mounted bucket) so every worker writes into the same one.
+        run_config=RunConfig(name="checkpoints", storage_path=str(out_dir),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     trainer.fit()
     return json.loads((out_dir / "summary.json").read_text())

@@ -34,7 +34,7 @@ from steelworks.train.checkpoint import (
 from steelworks.train.config import TrainConfig
 from steelworks.train.data import Batch, PackedLoader
 from steelworks.train.metrics import MetricsLog, flops_per_token, peak_flops, truncate_log
-from steelworks.train.parallelize import parallelize
+from steelworks.train.parallelize import materialize, parallelize
 from steelworks.train.schedule import lr_multiplier
 
 log = logging.getLogger("steelworks.train")
@@ -59,19 +59,70 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _loss_terms(logits: torch.Tensor, batch: Batch, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (sum of per-token CE, sum of per-sample mean CE) over this micro batch."""
+def _loss_terms(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (sum of per-token CE, sum over samples of each sample's mean CE) for a micro batch.
+
+    A sample is a row, or a packed sample (segment) when the batch has ``sample_ids``."""
     labels = batch.labels.to(logits.device)
     ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                          ignore_index=-100, reduction="none").view(labels.shape)
-    per_sample_tokens = (labels != -100).sum(1)
-    per_sample = ce.sum(1) / per_sample_tokens.clamp(min=1)
-    return ce.sum(), per_sample[per_sample_tokens > 0].sum()
+    sample = _sample_index(batch).to(logits.device)
+    n = int(sample.max()) + 1
+    sums = torch.zeros(n, device=logits.device).index_add_(0, sample.reshape(-1), ce.reshape(-1))
+    counts = torch.bincount(sample.reshape(-1), minlength=n)
+    per_sample = sums[1:] / counts[1:].clamp(min=1)  # index 0 collects the non-targets
+    return ce.sum(), per_sample[counts[1:] > 0].sum()
+
+
+def _sample_index(batch: Batch) -> torch.Tensor:
+    """A distinct id > 0 per (row, sample) for every target position, 0 elsewhere."""
+    ids = batch.sample_ids if batch.sample_ids is not None else (batch.labels != -100).long()
+    width = int(ids.max()) + 1
+    rows = torch.arange(ids.size(0)).unsqueeze(1)
+    return torch.where(ids > 0, rows * width + ids, 0)
+
+
+def _num_samples(batch: Batch) -> int:
+    return int(torch.unique(_sample_index(batch)).gt(0).sum())
+
+
+def _fault(job: dict[str, Any], phase: str, step: int, rank: int) -> None:
+    """Test hook: die like a killed process (no cleanup) once, at a given step and phase.
+
+    ``job["fault"] = {"phase": "step"|"save", "step": N, "rank": R, "marker": path}``; the
+    marker file makes it fire only in the first attempt, so a restarted run goes through."""
+    f = job.get("fault")
+    if not f or f["phase"] != phase or f["step"] != step or f.get("rank", 0) != rank:
+        return
+    marker = Path(f["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"{phase} at step {step} on rank {rank}\n")
+    os._exit(17)
+
+
+def _resume_point(ckpt_dir: Path, job: dict[str, Any]) -> Path | None:
+    """The newest complete checkpoint: Ray Train's last reported one (what a restart after a
+    worker failure is handed) or a newer complete one on disk, whichever is later."""
+    found = latest_checkpoint(ckpt_dir)
+    if job.get("ray"):
+        import ray.train
+
+        reported = ray.train.get_checkpoint()
+        if reported is not None and (found is None or Path(reported.path).name > found.name):
+            found = Path(reported.path)
+    return found
 
 
 def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     from steelworks.data.tokenizer import load_tokenizer
-    from steelworks.train.models import build_hf_config, build_model, count_params, load_model
+    from steelworks.train.models import (
+        attention_implementation,
+        build_hf_config,
+        build_model,
+        count_params,
+        load_model,
+    )
 
     cfg = from_dict(TrainConfig, job["train"])
     out_dir = Path(job["out_dir"])
@@ -81,22 +132,27 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.seed)
 
-    # Every rank builds the same full model under the same seed (or loads the same HF
-    # checkpoint), then FSDP2 shards it: identical initial weights however many ranks.
     tok = load_tokenizer(job["tokenizer_dir"])
+    attn = attention_implementation(device)
     if job.get("init_from"):
-        model = load_model(job["init_from"])
+        # Fine-tuning: every rank loads the same HF checkpoint, then FSDP2 shards it.
+        model = load_model(job["init_from"], attn_implementation=attn).to(device)
         hf_config = model.config
+        n_params = count_params(model)
+        model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
+                            compile=cfg.compile)
     else:
+        # From scratch: built on meta, sharded, then only each rank's shard is allocated.
         hf_config = build_hf_config(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id)
-        model = build_model(hf_config, seed=cfg.seed)
-    model = model.to(device)
-    n_params = count_params(model)
-    model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
-                        compile=cfg.compile)
+        model = build_model(hf_config, device="meta", attn_implementation=attn)
+        n_params = count_params(model)
+        model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
+                            compile=cfg.compile)
+        materialize(model, device, cfg.seed)
     model.train()
 
-    loader = PackedLoader(job["data_dir"], rank, world, cfg.micro_batch_size, cfg.grad_accum, cfg.seed)
+    loader = PackedLoader([job["data_dir"], *cfg.extra_data], rank, world, cfg.micro_batch_size,
+                          cfg.grad_accum, cfg.seed)
     total_steps = cfg.max_steps
     if cfg.epochs is not None:
         total_steps = max(1, int(cfg.epochs * loader.steps_per_epoch))
@@ -105,14 +161,14 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=device.type == "cuda")
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total_steps, cfg.optim))
 
     ckpt_dir = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
     step = 0
-    resume = latest_checkpoint(ckpt_dir)
+    resume = _resume_point(ckpt_dir, job)
     if resume is not None:
         meta = load_checkpoint(resume, model, optimizer)
         step = meta["step"]
@@ -121,7 +177,12 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             truncate_log(metrics_path, step)
             log.info("resumed from %s at step %d", resume, step)
-    metrics = MetricsLog(metrics_path, enabled=rank == 0)
+            if loader.appended:
+                log.info("appended %d shard(s): %s", len(loader.appended), ", ".join(loader.appended))
+    metrics = MetricsLog(metrics_path, enabled=rank == 0,
+                         tensorboard_dir=out_dir / "tensorboard" if cfg.tensorboard else None,
+                         wandb_project=cfg.wandb_project, run_name=job.get("task", "train"),
+                         config=job["train"])
     report = _reporter(job)
 
     fpt = flops_per_token(hf_config, loader.index.seq_len - 1)
@@ -132,22 +193,27 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
 
         progress = tqdm(total=total_steps, initial=step, desc=job.get("task", "train"),
                         unit="step", file=sys.stderr, dynamic_ncols=True)
-    last = {}
+    last: dict[str, Any] = {}
     t_log, tokens_since = time.perf_counter(), 0
     # The logged loss averages the whole log window (one batch alone is too noisy to read).
     window_sum = torch.zeros((), device=device, dtype=torch.float64)
     window_denom = 0.0
     while step < total_steps:
         micro = loader.next_step()
-        counts = torch.tensor([sum(b.num_targets for b in micro),
-                               sum(int((b.labels != -100).any(1).sum()) for b in micro)], dtype=torch.float64)
+        counts = torch.tensor([sum(b.num_targets for b in micro), sum(_num_samples(b) for b in micro)],
+                              dtype=torch.float64)
         g_tokens, g_samples = _all_reduce(counts.to(device)).tolist()
         denom = g_tokens if cfg.loss_avg == "token" else g_samples
         for b in micro:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=b.input_ids.to(device)).logits
-            tok_sum, sample_sum = _loss_terms(logits, b, cfg.loss_avg)
+                pos = b.position_ids.to(device) if b.position_ids is not None else None
+                # use_cache=False: no KV cache in training, and transformers only derives the
+                # block-diagonal mask of packed rows from position ids when there is none.
+                logits = model(input_ids=b.input_ids.to(device), position_ids=pos, use_cache=False).logits
+            tok_sum, sample_sum = _loss_terms(logits, b)
             part = tok_sum if cfg.loss_avg == "token" else sample_sum
+            # FSDP averages gradients over ranks: scale the local sum so the result is the
+            # exact global mean.
             (part * world / max(denom, 1)).backward()
             window_sum += part.detach().double()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -156,33 +222,41 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
+        _fault(job, "step", step, rank)
         window_denom += denom
         tokens_since += sum(b.input_ids.numel() for b in micro) * world
         if progress is not None:
             progress.update(1)
+        row: dict[str, Any] | None = None
         if step % cfg.log_every == 0 or step == total_steps:
             loss = (_all_reduce(window_sum) / max(window_denom, 1)).item()
             window_sum.zero_()
             window_denom = 0.0
             elapsed = time.perf_counter() - t_log
             tps = tokens_since / elapsed
-            last = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                    "mfu": tps * fpt / peak, "epoch": loader.epoch,
-                    "memory_gb": (torch.cuda.max_memory_allocated() / 1e9) if device.type == "cuda" else None}
+            row = last = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                          "mfu": tps * fpt / peak, "epoch": loader.epoch,
+                          "memory_gb": (torch.cuda.max_memory_allocated() / 1e9) if device.type == "cuda" else None}
             metrics.log(last)
             if progress is not None:
                 progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-            report(last)
             t_log, tokens_since = time.perf_counter(), 0
+        saved = None
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total_steps:
-            save_checkpoint(ckpt_dir, step, model, optimizer,
-                            {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
-                             "config": job["train"]}, keep_last=cfg.keep_last)
+            saved = save_checkpoint(
+                ckpt_dir, step, model, optimizer,
+                {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "config": job["train"]},
+                # Under Ray Train, CheckpointConfig(num_to_keep) prunes what was reported.
+                keep_last=None if job.get("ray") else cfg.keep_last,
+                before_commit=lambda: _fault(job, "save", step, rank))
+        if row is not None or saved is not None:
+            report(row or {"step": step}, saved)
     if progress is not None:
         progress.close()
     export_hf(model, hf_config, job["tokenizer_dir"], out_dir / "hf")
     metrics.plot(out_dir / "loss.png", f"{job.get('task', 'train')} loss")
+    metrics.close()
     summary = {"final_step": step, "params": n_params, "world_size": world,
                "flops_per_token": fpt, **{k: v for k, v in last.items() if k != "step"}}
     if rank == 0:
@@ -193,12 +267,21 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reporter(job: dict[str, Any]):
-    """Ray Train's report when running under it; a no-op otherwise."""
+    """Ray Train's report when running under it (every rank calls it: it is a barrier);
+    a no-op otherwise. Checkpoints are written by DCP straight into the run's storage
+    directory, so Ray registers them where they are (NO_UPLOAD) instead of copying."""
     if not job.get("ray"):
-        return lambda metrics: None
+        return lambda metrics, checkpoint=None: None
     import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
 
-    return lambda metrics: ray.train.report({k: v for k, v in metrics.items() if v is not None})
+    def report(metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
+        ckpt = Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None and \
+            ray.train.get_context().get_world_rank() == 0 else None
+        ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ckpt,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+    return report
 
 
 if __name__ == "__main__":  # torchrun --nproc-per-node N -m steelworks.train.loop job.json

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger("steelworks.train")
 
 # Dense bf16 peak FLOP/s per device from vendor datasheets (no sparsity).
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -45,13 +48,32 @@ def peak_flops(device_type: str) -> float:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step; rank 0 only."""
+    """One JSON object per logged step (the record of truth), mirrored to TensorBoard event
+    files and to wandb when configured; rank 0 only."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None,
+                 wandb_project: str | None = None, run_name: str = "train",
+                 config: dict[str, Any] | None = None) -> None:
         self.path, self.enabled = path, enabled
         self.rows: list[dict[str, Any]] = []
-        if enabled and path.exists():
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        if path.exists():
             self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if tensorboard_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(tensorboard_dir))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                log.warning("train.wandb_project is set but wandb is not installed; "
+                            "logging to metrics.jsonl and TensorBoard only")
+            else:
+                self.wandb = wandb.init(project=wandb_project, name=run_name, config=config,
+                                        resume="allow")
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -59,6 +81,19 @@ class MetricsLog:
         self.rows = [r for r in self.rows if r["step"] < row["step"]] + [row]
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, row["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
     def plot(self, out: Path, title: str) -> None:
         if not self.enabled or not self.rows:

@@ -76,18 +76,31 @@ def build_hf_config(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None 
     return LlamaConfig(**common)
 
 
-def build_model(hf_config, seed: int | None = None, device: str | torch.device = "cpu"):
-    """Instantiate a randomly initialised causal LM from a config (deterministic under ``seed``)."""
+def attention_implementation(device: str | torch.device) -> str:
+    """flash-attn 2 on CUDA when it is installed (varlen kernels for packed rows), else
+    PyTorch SDPA, which runs everywhere."""
+    import importlib.util
+
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_model(hf_config, seed: int | None = None, device: str | torch.device = "cpu",
+                attn_implementation: str = "sdpa"):
+    """Instantiate a causal LM from a config: randomly initialised (deterministic under
+    ``seed``), or on ``meta`` for ``parallelize.materialize`` to fill after sharding."""
     from transformers import AutoModelForCausalLM
 
     if seed is not None:
         torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
     return model
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               attn_implementation: str = "sdpa"):
     """Load a local HF model directory (safetensors); never the hub."""
     from transformers import AutoModelForCausalLM
 
@@ -95,7 +108,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        str(path), dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
     )
     return model.to(device)
 

@@ -1,0 +1,327 @@
+"""Training throughput: steelworks' loop vs a plain Hugging Face ``Trainer``, same run.
+
+Per model size both sides train the same HF config from the same initial weights (one
+model built by ``steelworks.train.models``, saved, and loaded by both: steelworks through
+its ``init_from`` job key) on the identical packed sequences in the identical order, with
+the same batch (sequences per optimizer step, seq_len, precision), AdamW settings (lr,
+weight decay, betas, eps, grad clip; each side its own AdamW implementation) and schedule
+(constant lr, no warmup: the one schedule both compute identically, so their losses over
+the first window agree, which shows that the two really train the same thing).
+
+- steelworks: ``run_training(job, cfg, use_ray=False)``; steady-state tokens/s from the
+  ``metrics.jsonl`` rows after the first log window (``log_every`` = the warmup steps).
+- hf-trainer: ``Trainer`` on the same rows (the textbook recipe: labels = input_ids, the
+  model shifts them). It sees the full ``seq_len`` row where steelworks feeds ``seq_len-1``
+  inputs with shifted labels: one more position per row, the same ``seq_len-1`` targets.
+  Both sides count those targets as training tokens; a callback times steady-state steps.
+- hf-padded: a DIFFERENT workload, for context: the usual HF recipe on the same documents
+  unpacked (one document per example, padded per batch by DataCollatorForLanguageModeling,
+  random order), counting non-pad tokens only.
+
+MFU = tokens/s * flops_per_token / peak_flops, from ``steelworks.train.metrics`` for every
+row (on CPU the peak is a measured fp32 GEMM probe, shared by all rows of the run).
+
+Data: the embedded demo corpus, a BPE tokenizer trained on it (``steelworks.data.tokenizer``)
+and packed shards written with ``write_shard``/``ShardIndex``. Documents are tokenized and
+packed here in-process, like ``steelworks.data.pack`` does but without Ray (absent on GPU
+boxes) and without the data stage's cleaning and dedup (irrelevant to throughput).
+
+    .venv/bin/python benchmarks/train_throughput.py                      # CPU: tiny, demo
+    python benchmarks/train_throughput.py --device cuda --sizes 100m steel-1b \
+        --precision bf16 --seq-len 2048 --micro-batch 4 --vocab 32000   # a lent GPU box
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without installing the package
+WORK = ROOT / "benchmarks" / ".work" / "train_throughput"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_data(vocab: int, seq_len: int) -> tuple[Path, Path, list[str]]:
+    """-> (tokenizer dir, packed shard dir, demo documents); cached per (vocab, seq_len)."""
+    from steelworks.data.config import DemoCorpusConfig
+    from steelworks.data.demo_corpus import generate
+    from steelworks.data.shards import ShardIndex, token_dtype, write_shard
+    from steelworks.data.tokenizer import document_end_id, load_tokenizer, train_tokenizer
+
+    corpus, base = WORK / "corpus", WORK / f"data-v{vocab}"
+    if not (corpus / "pretrain.jsonl").exists():
+        generate(DemoCorpusConfig(), corpus)
+    lines = (corpus / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()
+    docs = [json.loads(line)["text"] for line in lines if line.strip()]
+    tok_dir, data_dir = base / "tokenizer", base / f"pretrain-{seq_len}"
+    tok = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").exists() else \
+        train_tokenizer(docs, vocab, tok_dir)
+    if not (data_dir / "index.json").exists():
+        # As steelworks.data.pack: each document + <|endoftext|>, joined, cut into rows.
+        eod = document_end_id(tok)
+        ids = tok(docs, add_special_tokens=False)["input_ids"]
+        stream = np.concatenate([np.array([*d, eod], dtype=np.int64) for d in ids])
+        rows = stream[: len(stream) // seq_len * seq_len].reshape(-1, seq_len)
+        dtype = token_dtype(len(tok))
+        info = write_shard(data_dir / "shard-00000.bin", rows, dtype)
+        ShardIndex(seq_len, str(dtype), len(tok), tok.pad_token_id, "pretrain", [info]).save(data_dir)
+    return tok_dir, data_dir, docs
+
+
+def train_config(args: argparse.Namespace, size: str):
+    from steelworks.train.config import ModelConfig, OptimConfig, TrainConfig
+
+    cfg = TrainConfig(model=ModelConfig(size=size), optim=OptimConfig(schedule="constant", warmup_steps=0),
+                      max_steps=args.warmup + args.steps, micro_batch_size=args.micro_batch,
+                      grad_accum=args.grad_accum, num_workers=1, use_gpu=args.device == "cuda",
+                      precision=args.precision, seed=0, log_every=args.warmup, ckpt_every=0, keep_last=1)
+    if hasattr(cfg, "tensorboard"):  # newer configs log to TensorBoard; HF here logs nowhere
+        cfg.tensorboard = False
+    return cfg
+
+
+def save_initial_model(hf_config, seed: int, out: Path) -> Path:
+    """The starting weights of both sides. Passed to the loop as ``init_from`` rather than
+    left to its from-scratch path, whose init scheme is its own business: this way the
+    weights are identical by construction and the loss columns can be compared."""
+    from steelworks.train.models import build_model
+
+    build_model(hf_config, seed=seed).save_pretrained(out)
+    return out
+
+
+def attention(device: str) -> str:
+    """The attention kernel the loop picks for ``device``, so the HF side gets the same."""
+    from steelworks.train import models
+
+    pick = getattr(models, "attention_implementation", None)  # newer package versions
+    return pick(device) if pick is not None else "sdpa"
+
+
+def run_steelworks(args: argparse.Namespace, size: str, tok_dir: Path, data_dir: Path,
+                   init_dir: Path) -> dict[str, Any]:
+    from steelworks.platform.config import to_dict
+    from steelworks.train.driver import run_training
+
+    cfg = train_config(args, size)
+    out = WORK / "runs" / size / "steelworks"
+    shutil.rmtree(out, ignore_errors=True)  # the loop resumes from any checkpoint it finds
+    job = {"task": "pretrain", "train": to_dict(cfg), "tokenizer_dir": str(tok_dir),
+           "data_dir": str(data_dir), "out_dir": str(out), "init_from": str(init_dir)}
+    summary = run_training(job, cfg, use_ray=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    per_step = args.micro_batch * args.grad_accum * (args.seq_len - 1)
+    # The first row's window holds the warmup steps (model and optimizer state warm up);
+    # each later row covers (step - previous step) steps at its logged rate.
+    steady = [(b["step"] - a["step"], b["tokens_per_s"]) for a, b in zip(rows, rows[1:])]
+    seconds = sum(n * per_step / tps for n, tps in steady)
+    for d in ("checkpoints", "hf"):  # a 1B checkpoint is ~16 GB: keep only the metrics
+        shutil.rmtree(out / d, ignore_errors=True)
+    return {"tokens_per_s": sum(n for n, _ in steady) * per_step / seconds, "seconds": seconds,
+            "loss_first_window": rows[0]["loss"], "final_loss": rows[-1]["loss"],
+            "params": summary["params"], "flops_per_token": summary["flops_per_token"]}
+
+
+def make_timer(cuda: bool):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall time at the end of every optimizer step (after syncing the GPU)."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def run_hf(args: argparse.Namespace, size: str, init_dir: Path, examples: list[dict[str, Any]],
+           collator: Callable, packed: bool, count: list[int]) -> dict[str, Any]:
+    """Train with ``Trainer``; ``count`` holds the counted tokens of each micro batch in
+    the order the data loader built them (micro batch k belongs to step k // grad_accum)."""
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, PrinterCallback, Trainer, TrainingArguments
+
+    cfg, cuda = train_config(args, size), args.device == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(str(init_dir), dtype=torch.float32, local_files_only=True,
+                                                 attn_implementation=attention(args.device))
+
+    class OrderedTrainer(Trainer):
+        def _get_train_sampler(self, *a: Any, **kw: Any):  # the loader's order, not a shuffle
+            return SequentialSampler(self.train_dataset)
+
+    out = WORK / "runs" / size / ("hf" if packed else "hf-padded")
+    targs = TrainingArguments(
+        output_dir=str(out), use_cpu=not cuda, bf16=cfg.precision == "bf16", seed=cfg.seed,
+        per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=cfg.max_steps, learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.betas[0], adam_beta2=cfg.optim.betas[1], adam_epsilon=cfg.optim.eps,
+        max_grad_norm=cfg.optim.grad_clip, lr_scheduler_type="constant", warmup_steps=0,
+        logging_steps=args.warmup, save_strategy="no", report_to=[], disable_tqdm=True,
+        remove_unused_columns=False, dataloader_pin_memory=cuda)
+    timer = make_timer(cuda)
+    trainer_cls = OrderedTrainer if packed else Trainer  # padded: HF's default random order
+    trainer = trainer_cls(model=model, args=targs, train_dataset=examples, data_collator=collator,
+                          callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)  # its log dicts would land amid the table on stdout
+    trainer.train()
+    w, n, accum = args.warmup, args.steps, args.grad_accum
+    seconds = timer.ends[w + n - 1] - timer.ends[w - 1]
+    tokens = sum(count[w * accum : (w + n) * accum])
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    # HF's optimizer choice is its own default (fused AdamW on torch >= 2.8): the plain recipe.
+    shutil.rmtree(out, ignore_errors=True)
+    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "loss_first_window": losses[0],
+            "final_loss": losses[-1], "optim": str(targs.optim)}
+
+
+def packed_examples(args: argparse.Namespace, data_dir: Path) -> list[dict[str, torch.Tensor]]:
+    """The rows steelworks will train on, in its order: replay its own PackedLoader."""
+    from steelworks.train.data import PackedLoader
+
+    loader = PackedLoader(data_dir, 0, 1, args.micro_batch, args.grad_accum, seed=0)  # = cfg.seed
+    out = []
+    for _ in range(args.warmup + args.steps):
+        for b in loader.next_step():
+            # Pretraining rows: labels are input_ids shifted by one, so this is the full row.
+            rows = torch.cat([b.input_ids, b.labels[:, -1:]], dim=1)
+            out += [{"input_ids": r, "labels": r} for r in rows]
+    return out
+
+
+def counting_collator(collate: Callable) -> tuple[Callable, list[int]]:
+    """Wrap a padding collator to record each batch's non-pad tokens, in build order."""
+    counts: list[int] = []
+
+    def counting(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = collate(features)
+        counts.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    return counting, counts
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    import transformers
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    info = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": _version("accelerate"), "date": time.strftime("%Y-%m-%d %H:%M")}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _version(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    return getattr(__import__(module), "__version__", "?")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "demo"], help="steelworks.train.models sizes")
+    ap.add_argument("--steps", type=int, default=40, help="timed optimizer steps per side")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
+    ap.add_argument("--micro-batch", type=int, default=8, help="sequences per micro step")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per packed row")
+    ap.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary to train (the demo "
+                    "corpus may stop short of a large one; the model uses what it reaches)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--no-padded", action="store_true", help="skip the unpacked HF baseline")
+    args = ap.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        ap.error("--warmup and --steps must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch sees no GPU")
+    from transformers import DataCollatorForLanguageModeling, default_data_collator
+
+    from steelworks.data.tokenizer import load_tokenizer
+    from steelworks.platform.atomic import atomic_write_json
+    from steelworks.train.metrics import flops_per_token, peak_flops
+    from steelworks.train.models import build_hf_config
+
+    command = shlex.join([sys.executable, *sys.argv])
+    peak = peak_flops(args.device)  # cached: the loop's MFU uses this same figure
+    tok_dir, data_dir, docs = build_data(args.vocab, args.seq_len)
+    tok = load_tokenizer(tok_dir)
+    have_hf = importlib.util.find_spec("accelerate") is not None  # Trainer needs accelerate
+    if not have_hf:
+        print("accelerate is not installed: skipping the HF Trainer rows", file=sys.stderr)
+    packed = packed_examples(args, data_dir) if have_hf else []
+    # Unpacked documents, truncated to seq_len; non-pad tokens counted per micro batch.
+    doc_ids = tok(docs, add_special_tokens=False, truncation=True, max_length=args.seq_len)["input_ids"]
+    unpacked = [{"input_ids": ids} for ids in doc_ids if len(ids) > 1]
+
+    results: dict[str, Any] = {"command": command, "machine": machine_info(args.device),
+                               "peak_flops": peak, "vocab": len(tok), "args": vars(args), "sizes": {}}
+    for size in args.sizes:
+        hf_config = build_hf_config(train_config(args, size).model, len(tok), tok.pad_token_id,
+                                    tok.eos_token_id)
+        fpt = flops_per_token(hf_config, args.seq_len - 1)
+        init_dir = save_initial_model(hf_config, 0, WORK / "runs" / size / "init")
+        rows: dict[str, dict[str, Any]] = {}
+        print(f"--- {size}: steelworks", file=sys.stderr, flush=True)
+        rows["steelworks"] = run_steelworks(args, size, tok_dir, data_dir, init_dir)
+        if have_hf:
+            print(f"--- {size}: hf-trainer", file=sys.stderr, flush=True)
+            rows["hf-trainer"] = run_hf(args, size, init_dir, packed, default_data_collator, True,
+                                        [args.micro_batch * (args.seq_len - 1)] * len(packed))
+        if have_hf and not args.no_padded:
+            print(f"--- {size}: hf-padded", file=sys.stderr, flush=True)
+            collate, counts = counting_collator(DataCollatorForLanguageModeling(tok, mlm=False))
+            rows["hf-padded"] = run_hf(args, size, init_dir, unpacked, collate, False, counts)
+            mean_len = sum(len(d["input_ids"]) for d in unpacked) / len(unpacked)
+            rows["hf-padded"]["flops_per_token"] = flops_per_token(hf_config, round(mean_len))
+        shutil.rmtree(init_dir, ignore_errors=True)
+        sw = rows["steelworks"]["tokens_per_s"]
+        for r in rows.values():
+            r["mfu"] = r["tokens_per_s"] * r.get("flops_per_token", fpt) / peak
+            r["steelworks_over_this"] = sw / r["tokens_per_s"]
+        results["sizes"][size] = rows
+    atomic_write_json(WORK / "results.json", results)
+
+    m = results["machine"]
+    print(f"\n{command}\n{m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch_threads']} torch "
+          f"threads, torch {m['torch']}, transformers {m['transformers']}; {args.precision}, "
+          f"{args.micro_batch}x{args.grad_accum} sequences of {args.seq_len} tokens per step, "
+          f"vocab {len(tok)}; {args.steps} timed steps after {args.warmup}\n")
+    print("| size | side | tokens/s | MFU | steelworks / this | loss, first window |")
+    print("|---|---|---:|---:|---:|---:|")
+    for size, rows in results["sizes"].items():
+        for side, r in rows.items():
+            label = side + (" (different workload: unpacked, non-pad tokens)" if side == "hf-padded" else "")
+            print(f"| {size} | {label} | {r['tokens_per_s']:,.0f} | {r['mfu']:.3f} | "
+                  f"{r['steelworks_over_this']:.2f}x | {r['loss_first_window']:.4f} |")
+    print(f"\nresults: {WORK / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
