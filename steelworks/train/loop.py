@@ -12,6 +12,7 @@ by long ones). FSDP averages gradients over ranks, so each rank scales its local
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -249,7 +250,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
                 {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "config": job["train"]},
                 # Under Ray Train, CheckpointConfig(num_to_keep) prunes what was reported.
                 keep_last=None if job.get("ray") else cfg.keep_last,
-                before_commit=lambda: _fault(job, "save", step, rank))
+                before_commit=functools.partial(_fault, job, "save", step, rank))
         if row is not None or saved is not None:
             report(row or {"step": step}, saved)
     if progress is not None:
