@@ -66,7 +66,17 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     """Allocate a meta-device model (sharded or not) on ``device`` and initialize it."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    # to_empty gives every module its own new Parameter, which unties tied weights (the
+    # embedding and the LM head): note who shares what and re-tie afterwards.
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((module, pname))
     model.to_empty(device=device)
+    for shared in owners.values():
+        first = getattr(shared[0][0], shared[0][1])
+        for module, pname in shared[1:]:
+            setattr(module, pname, first)
     std = getattr(model.config, "initializer_range", 0.02)
     modules = dict(model.named_modules())
     for name, param in model.named_parameters():  # tied weights appear once
