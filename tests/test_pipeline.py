@@ -142,3 +142,10 @@ def test_rerun_skips_and_config_change_reruns_downstream(run):
         assert changed[name]["ended_at"] == results[name]["ended_at"], f"{name} was re-run"
     assert changed["sft"]["metrics"]["final_step"] == 2
     assert changed["eval"]["inputs"]["sft"]["sha256"] != results["eval"]["inputs"]["sft"]["sha256"]
+    # Extending a run resumes it from its last checkpoint instead of starting over.
+    before = (root / "sft" / "metrics.jsonl").read_text().splitlines()
+    cfg.sft.max_steps = 4
+    extended = run_pipeline(cfg)
+    after = (root / "sft" / "metrics.jsonl").read_text().splitlines()
+    assert extended["sft"]["metrics"]["final_step"] == 4
+    assert after[:2] == before and [json.loads(r)["step"] for r in after] == [1, 2, 3, 4]

@@ -116,6 +116,8 @@ def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
 
 
 def _run_train_stage(cfg: PipelineConfig, name: str, force: bool) -> dict[str, Any]:
+    from steelworks.train.checkpoint import latest_checkpoint
+    from steelworks.train.config import RESUME_COMPATIBLE
     from steelworks.train.driver import run_training
 
     tcfg = cfg.pretrain if name == "pretrain" else cfg.sft
@@ -123,13 +125,22 @@ def _run_train_stage(cfg: PipelineConfig, name: str, force: bool) -> dict[str, A
     stage = _open(cfg, name, to_dict(tcfg), inputs)
     if _skip(stage, force):
         return read_manifest(stage.dir)
-    # Resume only checkpoints made by this exact config and inputs; otherwise start clean.
+    # Resume checkpoints made with the same inputs and a config that differs at most in the
+    # resume-compatible fields (more steps, appended data, more workers ...); otherwise
+    # start clean.
     marker = stage.dir / "fingerprint.txt"
-    if force or not marker.exists() or marker.read_text() != stage.fingerprint:
+    resume_key = stage.fingerprint_of({k: v for k, v in stage.config.items() if k not in RESUME_COMPATIBLE})
+    last = latest_checkpoint(stage.dir / "checkpoints")
+    # A run cannot be shortened below what it already trained: start that one over.
+    beyond = last is not None and tcfg.epochs is None and int(last.name.split("_")[1]) > tcfg.max_steps
+    if force or beyond or not marker.exists() or marker.read_text() != resume_key:
         for d in ("checkpoints", "hf", "tensorboard", "metrics.jsonl"):
             p = stage.dir / d
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        marker.write_text(stage.fingerprint)
+        marker.write_text(resume_key)
+    elif last is not None:
+        log.info("stage %s: resuming from %s (config changed only in %s)", name,
+                 stage.dir / "checkpoints", ", ".join(RESUME_COMPATIBLE))
     tok_dir = stage.inputs["tokenizer"]
     job = {"task": name, "train": to_dict(tcfg), "tokenizer_dir": str(tok_dir / "tokenizer"),
            "data_dir": str(tok_dir / "shards" / ("pretrain" if name == "pretrain" else "sft")),

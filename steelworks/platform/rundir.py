@@ -74,9 +74,11 @@ class Stage:
 
     @property
     def fingerprint(self) -> str:
-        return sha256_json(
-            {"config": self.config, "inputs": self._input_hashes(), "version": __version__}
-        )
+        return self.fingerprint_of(self.config)
+
+    def fingerprint_of(self, config: dict[str, Any]) -> str:
+        """The fingerprint this stage would have with ``config`` (same inputs, same version)."""
+        return sha256_json({"config": config, "inputs": self._input_hashes(), "version": __version__})
 
     def is_current(self) -> bool:
         """True when a finished manifest matches this config and inputs and outputs are intact."""
