@@ -323,3 +323,49 @@ def test_ray_two_workers_match_one_process_and_survive_a_killed_worker(demo_data
     b = AutoModelForCausalLM.from_pretrained(str(two / "hf")).state_dict()
     worst = {k: float((a[k] - b[k]).abs().max()) for k in a}
     assert max(worst.values()) < 1e-3, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_lr_schedules():
+    from steelworks.train.config import OptimConfig
+    from steelworks.train.schedule import lr_multiplier
+
+    def curve(**kw):
+        cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.1, **kw)
+        return [lr_multiplier(s, 100, cfg) for s in range(100)]
+
+    cos, const, wsd = curve(schedule="cosine"), curve(schedule="constant"), curve(schedule="wsd", decay_fraction=0.2)
+    for c in (cos, const, wsd):
+        assert c[0] == pytest.approx(0.1) and c[9] == pytest.approx(1.0)  # linear warmup
+        assert all(a < b for a, b in zip(c[:9], c[1:10]))
+    assert all(a >= b for a, b in zip(cos[10:], cos[11:])) and cos[-1] == pytest.approx(0.1, abs=1e-3)
+    assert set(const[10:]) == {1.0}
+    assert set(wsd[10:80]) == {1.0} and wsd[-1] == pytest.approx(0.1 + 0.9 / 20)
+    assert all(a > b for a, b in zip(wsd[80:], wsd[81:]))  # the anneal: linear decay
+
+
+def test_activation_checkpointing_changes_memory_not_results(demo_data, tmp_path):
+    job, cfg = _job(demo_data, tmp_path / "plain", max_steps=3)
+    run_training(job, cfg, use_ray=False)
+    job, cfg = _job(demo_data, tmp_path / "ac", max_steps=3, activation_checkpointing=True)
+    run_training(job, cfg, use_ray=False)
+    np.testing.assert_allclose(_losses(tmp_path / "ac"), _losses(tmp_path / "plain"), rtol=1e-6)
+
+
+def test_torchrun_two_ranks_resume_a_one_process_checkpoint(demo_data, tmp_path):
+    """The loop under torchrun (no Ray): 2 gloo ranks pick up a checkpoint written by one
+    process (DCP reshards it) and continue the same loss curve."""
+    straight = tmp_path / "straight"
+    job, cfg = _job(demo_data, straight, micro_batch_size=4, ckpt_every=4, max_steps=8)
+    run_training(job, cfg, use_ray=False)
+    mixed = tmp_path / "mixed"
+    job, cfg = _job(demo_data, mixed, micro_batch_size=4, ckpt_every=4, max_steps=8)
+    assert _run_in_subprocess({**job, "fault": {"phase": "step", "step": 5, "marker": str(tmp_path / "m")}}) == 17
+    job["train"]["micro_batch_size"] = 2  # same global batch over 2 ranks
+    path = mixed / "job2.json"
+    path.write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "steelworks.train.loop", str(path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((mixed / "summary.json").read_text())["world_size"] == 2
+    np.testing.assert_allclose(_losses(mixed), _losses(straight), rtol=2e-4)
