@@ -92,6 +92,7 @@ def test_loss_falls_and_metrics_are_recorded(straight_run):
     assert np.mean(losses[-3:]) < losses[0] - 0.5, losses
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["grad_norm"] > 0 and row["lr"] > 0
+    assert 0.05 < row["memory_gb"] < 20
     assert summary["final_step"] == 12 and summary["params"] > 0
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))

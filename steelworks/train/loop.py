@@ -102,6 +102,15 @@ def _fault(job: dict[str, Any], phase: str, step: int, rank: int) -> None:
     os._exit(17)
 
 
+def _peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+
+
 def _resume_point(ckpt_dir: Path, job: dict[str, Any]) -> Path | None:
     """The newest complete checkpoint: Ray Train's last reported one (what a restart after a
     worker failure is handed) or a newer complete one on disk, whichever is later."""
@@ -238,7 +247,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
             row = last = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
                           "grad_norm": float(grad_norm), "tokens_per_s": tps,
                           "mfu": tps * fpt / peak, "epoch": loader.epoch,
-                          "memory_gb": (torch.cuda.max_memory_allocated() / 1e9) if device.type == "cuda" else None}
+                          "memory_gb": _peak_memory_gb(device)}
             metrics.log(last)
             if progress is not None:
                 progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
