@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# Triton kernels run on CPU tensors in Triton's interpreter. The variable is read when triton
+# is first imported, so it is set here, before any test imports it; a GPU machine runs the
+# compiled kernels instead.
+if os.environ.get("STEELWORKS_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 TINY_TEXTS = [
