@@ -370,3 +370,22 @@ def test_torchrun_two_ranks_resume_a_one_process_checkpoint(demo_data, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((mixed / "summary.json").read_text())["world_size"] == 2
     np.testing.assert_allclose(_losses(mixed), _losses(straight), rtol=2e-4)
+
+
+@pytest.mark.parametrize("mode", ["token", "sample"])
+def test_token_weights_reproduce_the_loss_terms(mode):
+    """The fused cross-entropy path weighs each token so that sum(w * CE) is exactly the
+    per-token or per-sample loss the logits path computes."""
+    from steelworks.train.loop import _loss_terms, _token_weights
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 7, (2, 9))
+    labels[0, :3] = -100
+    labels[1, 5] = -100
+    sample_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 0, 2, 3, 3]])
+    b = Batch(torch.zeros(2, 9, dtype=torch.long), labels, int((labels != -100).sum()), sample_ids=sample_ids)
+    logits = torch.randn(2, 9, 7)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1), ignore_index=-100,
+                                           reduction="none").view(2, 9)
+    expected = _loss_terms(logits, b)[0 if mode == "token" else 1]
+    assert float((ce * _token_weights(b, mode)).sum()) == pytest.approx(float(expected), rel=1e-6)

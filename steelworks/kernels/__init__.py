@@ -1,5 +1,13 @@
-"""Fused Triton kernels (RMSNorm, RoPE, SwiGLU, cross-entropy) and ``patch_model``.
+"""Fused Triton kernels for training, each beside its plain PyTorch reference:
 
-Not built yet: this package is the home the training loop will import them from (see the
-kernels issue). Until then models run PyTorch's eager ops and SDPA attention.
+- ``rmsnorm``: RMSNorm, optionally with the residual add fused in (``rms_norm``)
+- ``rope``: rotary embedding of q and k in one launch (``apply_rope``, HF's signature)
+- ``swiglu``: ``silu(gate) * up`` with SiLU recomputed in backward (``swiglu``)
+- ``cross_entropy``: online-softmax cross-entropy whose gradient reuses the logits buffer
+  (``cross_entropy``), and the fused LM head + loss that never builds the [tokens x vocab]
+  logits (``fused_linear_cross_entropy``)
+
+``patch.patch_model(model, kernels, device)`` swaps them into a Qwen2/Llama model
+(``train.kernels``). They need CUDA; on CPU they run only in Triton's interpreter
+(``TRITON_INTERPRET=1``), which is how the tests check them.
 """

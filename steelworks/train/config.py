@@ -67,6 +67,9 @@ class TrainConfig:
     loss_avg: Literal["token", "sample"] = "token"
     activation_checkpointing: bool = False
     compile: bool = False
+    # Fused Triton kernels patched into the model (steelworks.kernels): any of rmsnorm, rope,
+    # swiglu, ce. Applied where Triton can run (CUDA); elsewhere a log line says why not.
+    kernels: list[str] = field(default_factory=list)
     # More shard directories trained together with the stage's own; adding one to a run
     # that already has checkpoints appends it (see train/data.py).
     extra_data: list[str] = field(default_factory=list)
@@ -79,3 +82,8 @@ class TrainConfig:
             raise ValueError("train.max_steps must be >= 1")
         if self.micro_batch_size < 1 or self.grad_accum < 1 or self.num_workers < 1:
             raise ValueError("micro_batch_size, grad_accum and num_workers must be >= 1")
+        from steelworks.kernels.patch import KERNELS
+
+        unknown = sorted(set(self.kernels) - set(KERNELS))
+        if unknown:
+            raise ValueError(f"train.kernels: unknown {unknown}; valid: {', '.join(KERNELS)}")

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from steelworks.kernels.patch import fused_ce_enabled, loss_targets, patch_model
 from steelworks.platform.config import from_dict
 from steelworks.train.checkpoint import (
     export_hf,
@@ -73,6 +74,17 @@ def _loss_terms(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch
     counts = torch.bincount(sample.reshape(-1), minlength=n)
     per_sample = sums[1:] / counts[1:].clamp(min=1)  # index 0 collects the non-targets
     return ce.sum(), per_sample[counts[1:] > 0].sum()
+
+
+def _token_weights(batch: Batch, mode: str) -> torch.Tensor:
+    """Per-position loss weights such that sum(w * CE) is what ``_loss_terms`` returns for
+    ``mode``: 1 per target (token), or 1 / (its sample's target count) (sample)."""
+    targets = (batch.labels != -100).float()
+    if mode == "token":
+        return targets
+    sample = _sample_index(batch)
+    counts = torch.bincount(sample.reshape(-1)).float()
+    return targets / counts[sample].clamp(min=1)
 
 
 def _sample_index(batch: Batch) -> torch.Tensor:
@@ -159,6 +171,8 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
                             compile=cfg.compile)
         materialize(model, device, cfg.seed)
+    kernels = patch_model(model, cfg.kernels, device)
+    fused_ce = fused_ce_enabled(model)
     model.train()
 
     loader = PackedLoader([job["data_dir"], *cfg.extra_data], rank, world, cfg.micro_batch_size,
@@ -215,13 +229,19 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         g_tokens, g_samples = _all_reduce(counts.to(device)).tolist()
         denom = g_tokens if cfg.loss_avg == "token" else g_samples
         for b in micro:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                pos = b.position_ids.to(device) if b.position_ids is not None else None
-                # use_cache=False: no KV cache in training, and transformers only derives the
-                # block-diagonal mask of packed rows from position ids when there is none.
-                logits = model(input_ids=b.input_ids.to(device), position_ids=pos, use_cache=False).logits
-            tok_sum, sample_sum = _loss_terms(logits, b)
-            part = tok_sum if cfg.loss_avg == "token" else sample_sum
+            pos = b.position_ids.to(device) if b.position_ids is not None else None
+            # use_cache=False: no KV cache in training, and transformers only derives the
+            # block-diagonal mask of packed rows from position ids when there is none.
+            inputs = dict(input_ids=b.input_ids.to(device), position_ids=pos, use_cache=False)
+            if fused_ce:  # the LM head returns sum(w * CE) itself; no logits are made
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
+                        loss_targets(model, b.labels.to(device), _token_weights(b, cfg.loss_avg).to(device)):
+                    part = model(**inputs).logits.sum()
+            else:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(**inputs).logits
+                tok_sum, sample_sum = _loss_terms(logits, b)
+                part = tok_sum if cfg.loss_avg == "token" else sample_sum
             # FSDP averages gradients over ranks: scale the local sum so the result is the
             # exact global mean.
             (part * world / max(denom, 1)).backward()
@@ -267,7 +287,7 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     export_hf(model, hf_config, job["tokenizer_dir"], out_dir / "hf")
     metrics.plot(out_dir / "loss.png", f"{job.get('task', 'train')} loss")
     metrics.close()
-    summary = {"final_step": step, "params": n_params, "world_size": world,
+    summary = {"final_step": step, "params": n_params, "world_size": world, "kernels": kernels,
                "flops_per_token": fpt, **{k: v for k, v in last.items() if k != "step"}}
     if rank == 0:
         from steelworks.platform.atomic import atomic_write_json

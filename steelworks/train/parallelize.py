@@ -32,7 +32,10 @@ def parallelize(model: nn.Module, *, bf16: bool, activation_checkpointing: bool 
     """Shard with FSDP2 (``fully_shard`` per decoder layer, then the root) when a process group
     is up; otherwise return the model unchanged (one process)."""
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compile:
         for layer in decoder_layers(model):
             layer.compile()
