@@ -31,6 +31,33 @@ def limit_items(items: dict[str, list[Item]], max_items: int | None) -> list[Ite
     return [it for subject_items in items.values() for it in subject_items[:max_items]]
 
 
+def evaluate(model: Any, tokenizer: Any, benchmark_dir: str | Path, cfg: EvalConfig,
+             progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score a loaded model on ``benchmark_dir`` (split ``cfg.split``): (summary, predictions).
+
+    Shared by the batch path (``evaluate_model_dir``) and the serving app's ``/v1/evals``."""
+    started = time.time()
+    subjects, by_subject = load_ceval_layout(benchmark_dir, cfg.split)
+    items = limit_items(by_subject, cfg.max_items)
+    shots: dict[str, list[Item]] = {}
+    if cfg.num_shots > 0:
+        # C-Eval's few-shot examples are the dev split's items, in file order.
+        _, shots = load_ceval_layout(benchmark_dir, "dev")
+        missing = [s.name for s in subjects if s.name not in shots]
+        if missing:
+            raise FileNotFoundError(
+                f"{benchmark_dir}: {cfg.num_shots}-shot evaluation needs a dev CSV for "
+                f"every subject; missing: {', '.join(missing)}"
+            )
+    log.info("evaluating on %d items of %d subjects (%s, %d-shot, %s scoring, chat=%s)",
+             len(items), len(subjects), cfg.split, cfg.num_shots, cfg.scoring, cfg.chat)
+    predictions = predict(model, tokenizer, items, subjects, cfg, shots, progress=progress)
+    summary = aggregate(predictions, subjects)
+    summary["meta"] = {"benchmark_dir": str(benchmark_dir), "config": dataclasses.asdict(cfg),
+                       "seconds": round(time.time() - started, 3)}
+    return summary, predictions
+
+
 def evaluate_model_dir(
     model_dir: str | Path,
     benchmark_dir: str | Path,
@@ -46,33 +73,10 @@ def evaluate_model_dir(
     from steelworks.data.tokenizer import load_tokenizer
     from steelworks.train.models import load_model
 
-    started = time.time()
-    subjects, by_subject = load_ceval_layout(benchmark_dir, cfg.split)
-    items = limit_items(by_subject, cfg.max_items)
-    shots: dict[str, list[Item]] = {}
-    if cfg.num_shots > 0:
-        # C-Eval's few-shot examples are the dev split's items, in file order.
-        _, shots = load_ceval_layout(benchmark_dir, "dev")
-        missing = [s.name for s in subjects if s.name not in shots]
-        if missing:
-            raise FileNotFoundError(
-                f"{benchmark_dir}: {cfg.num_shots}-shot evaluation needs a dev CSV for "
-                f"every subject; missing: {', '.join(missing)}"
-            )
-
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, device=device)
-    log.info("evaluating %s on %d items of %d subjects (%s, %d-shot, %s scoring, chat=%s)",
-             model_dir, len(items), len(subjects), cfg.split, cfg.num_shots, cfg.scoring, cfg.chat)
-    predictions = predict(model, tokenizer, items, subjects, cfg, shots, progress=True)
-
-    summary = aggregate(predictions, subjects)
-    summary["meta"] = {
-        "model_dir": str(model_dir),
-        "benchmark_dir": str(benchmark_dir),
-        "config": dataclasses.asdict(cfg),
-        "seconds": round(time.time() - started, 3),
-    }
+    summary, predictions = evaluate(model, tokenizer, benchmark_dir, cfg, progress=True)
+    summary["meta"]["model_dir"] = str(model_dir)
     files = write_report(summary, predictions, out_dir)
     log.info("micro acc %s, macro acc %s; wrote %s",
              summary["micro_acc"], summary["macro_acc"], ", ".join(files))

@@ -14,17 +14,27 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import Engine, GenerationStream, PromptTooLongError, SamplingParams
+from steelworks.serve.engine import (
+    Engine,
+    GenerationStream,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+)
+from steelworks.serve.evals_api import build_eval_router
+from steelworks.serve.metrics import ServeMetrics
 
 logger = logging.getLogger("steelworks.serve")
 
@@ -42,7 +52,7 @@ class APIError(Exception):
 
 # --- request bodies -------------------------------------------------------------------------
 # Unknown fields are ignored (clients send many optional ones); fields that would change the
-# response's shape and are not implemented (n > 1, logprobs, echo) are rejected instead.
+# response's shape and are not implemented (n > 1; logprobs on chat) are rejected instead.
 
 StopText = Annotated[str, Field(min_length=1)]
 
@@ -65,7 +75,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-    logprobs: Literal[False, None] = None
+    ignore_eos: bool = False  # vLLM extension: generate max_tokens even past end-of-text
 
 
 class TextPart(BaseModel):
@@ -84,12 +94,16 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: Literal[False, None] = None
     max_completion_tokens: int | None = Field(None, ge=1)  # newer name for max_tokens
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]  # a text, a one-text list, or token ids
-    echo: Literal[False] = False
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only (lm-eval)
+    # Legacy completions logprobs: how many alternatives per position (0: the chosen only).
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False  # prepend the prompt to the text (and its logprobs)
 
 
 
@@ -110,17 +124,48 @@ def _sse(obj: Any) -> str:
 async def _deltas(stream: GenerationStream, request: Request) -> AsyncIterator[str]:
     """Text deltas computed in a worker thread, so the event loop keeps serving; stops
     generating when the client goes away (disconnect seen here, or this task cancelled)."""
+    started, first = time.perf_counter(), None
     try:
         while (delta := await run_in_threadpool(next, stream, None)) is not None:
+            if first is None:
+                first = time.perf_counter() - started
             yield delta
             if await request.is_disconnected():
                 return
     finally:
         stream.cancel()
         r = stream.result  # None when cancelled mid-step: the worker thread still holds it
+        metrics = getattr(getattr(getattr(request, "app", None), "state", None), "metrics", None)
+        if metrics is not None:
+            metrics.observe_generation(stream.prompt_tokens, r.completion_tokens if r else 0, first)
         logger.info("generation %s: %d prompt + %d completion tokens",
                     r.finish_reason if r else "cancelled", stream.prompt_tokens,
                     r.completion_tokens if r else -1)
+
+
+def _logprobs_body(engine: Engine, ids: list[int], logprobs: list[float | None],
+                   tops: list[dict[int, float] | None]) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object: tokens as text, their logprobs, the top
+    alternatives per position (the chosen token always among them, as vLLM does) and each
+    token's character offset in the text."""
+    tokens = [engine.tokenizer.decode([t]) for t in ids]
+    top_out: list[dict[str, float] | None] = []
+    for tid, lp, top in zip(ids, logprobs, tops):
+        if top is None:
+            top_out.append(None)
+            continue
+        merged = {engine.tokenizer.decode([k]): v for k, v in top.items()}
+        if lp is not None:
+            merged.setdefault(engine.tokenizer.decode([tid]), lp)
+        top_out.append(merged)
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top_out, "text_offset": offsets}
+
+
+CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
 
 
 def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
@@ -129,10 +174,27 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
     created = int(time.time())
     app = FastAPI(title="steelworks", version="0.1.0")
     app.state.engine, app.state.config = engine, config
+    metrics = app.state.metrics = ServeMetrics(model_name, engine.stats)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable) -> Any:
+        started = time.perf_counter()
+        metrics.inflight.inc()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.inflight.dec()
+            route = request.scope.get("route")
+            metrics.observe_request(getattr(route, "path", "unmatched"), status, started)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status == 503:
+            headers = {"Retry-After": "1"}
         return exc.response(headers)
 
     @app.exception_handler(RequestValidationError)
@@ -174,7 +236,9 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
                                   top_p=req.top_p, top_k=req.top_k, stop=stop, seed=req.seed,
-                                  repetition_penalty=req.repetition_penalty)
+                                  repetition_penalty=req.repetition_penalty,
+                                  logprobs=req.logprobs if isinstance(req.logprobs, int) else None,
+                                  ignore_eos=req.ignore_eos)
         except ValueError as e:  # SamplingParams' messages start with the field's name
             raise APIError(400, str(e), param=str(e).split()[0], code="invalid_value") from e
 
@@ -185,6 +249,9 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from e
         except ValueError as e:
             raise APIError(400, str(e), param=param, code="invalid_value") from e
+        except QueueFullError as e:  # backpressure: the client should retry later
+            raise APIError(503, f"The server is overloaded ({e}); retry later.", type="server_error",
+                           code="server_busy") from e
 
     def usage(stream: GenerationStream) -> dict[str, int]:
         r = stream.result
@@ -233,6 +300,17 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "model": model_name}
+
+    @app.get("/metrics", dependencies=[Depends(require_key)], include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # The web chat page is static (no model data in it), so it loads without the API key; it
+    # asks for the key and sends it with every API call, which is where auth applies.
+    @app.get("/", include_in_schema=False)
+    @app.get("/chat", include_in_schema=False)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
@@ -283,13 +361,43 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
         prompt_ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        stream = start(prompt_ids, sampling(req, len(prompt_ids), req.max_tokens, "prompt"),
-                       "prompt")
+        if req.logprobs is not None and req.stream:
+            raise APIError(400, "logprobs are supported without stream only", param="logprobs")
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
+        prompt_text = engine.tokenizer.decode(prompt_ids) if req.echo else ""
+        prompt_lp = None
+        if req.echo and req.logprobs is not None:
+            try:
+                prompt_lp = await run_in_threadpool(engine.prompt_logprobs, prompt_ids, req.logprobs)
+            except ValueError as e:
+                raise APIError(400, str(e), param="prompt", code="invalid_value") from e
+        if req.max_tokens == 0:  # echo only: score the prompt, generate nothing
+            lp = _logprobs_body(engine, prompt_ids, prompt_lp.token_logprobs, prompt_lp.top_logprobs) \
+                if prompt_lp else None
+            n = len(prompt_ids)
+            return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                    "model": model_name, "choices": [{"index": 0, "text": prompt_text, "logprobs": lp,
+                                                       "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}}
+        stream = start(prompt_ids, sampling(req, len(prompt_ids), req.max_tokens, "prompt"), "prompt")
 
         def choice(text: str, finish: str | None) -> dict[str, Any]:
-            return {"text": text, "logprobs": None, "finish_reason": finish}
+            if req.stream or finish is None:
+                return {"text": text, "logprobs": None, "finish_reason": finish}
+            lp = None
+            if req.logprobs is not None and stream.result is not None:
+                r = stream.result
+                ids, lps, tops = list(r.token_ids), list(r.token_logprobs or []), list(r.top_logprobs or [])
+                if prompt_lp is not None:
+                    ids = prompt_ids + ids
+                    lps = prompt_lp.token_logprobs + lps
+                    tops = prompt_lp.top_logprobs + tops
+                lp = _logprobs_body(engine, ids, lps, tops)
+            return {"text": prompt_text + text, "logprobs": lp, "finish_reason": finish}
 
         return await respond(req, request, stream, "completion", choice)
 
     app.include_router(v1)
+    app.include_router(build_eval_router(engine, config, require_key, APIError))
     return app

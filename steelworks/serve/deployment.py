@@ -25,8 +25,16 @@ class SteelworksServer:
         from steelworks.serve.engine import Engine
 
         device = "cuda" if config.num_gpus > 0 else "cpu"
-        self.engine = Engine.from_dir(model_dir, device=device)
+        self.engine = Engine.from_dir(model_dir, device=device, max_batch_size=config.max_batch_size,
+                                      max_queue=config.max_queue)
         self.config = config
+
+    def __del__(self) -> None:
+        # Graceful shutdown: Serve drains in-flight requests (graceful_shutdown_timeout_s)
+        # before it deletes the replica; then the engine's scheduler thread stops.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self.engine, self.config)
@@ -41,9 +49,14 @@ def deploy(model_dir: str | Path, config: ServeConfig, name: str = "steelworks")
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory")
     # Cluster-wide and fixed once started: a second deploy() reuses the running proxy.
     serve.start(http_options={"host": config.host, "port": config.port})
+    scaling: dict = {"num_replicas": config.num_replicas}
+    if config.max_replicas is not None:
+        scaling = {"autoscaling_config": {"min_replicas": config.min_replicas,
+                                          "max_replicas": config.max_replicas,
+                                          "target_ongoing_requests": config.target_ongoing_requests}}
     server = SteelworksServer.options(
         name=name,
-        num_replicas=config.num_replicas,
+        **scaling,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         # Serve answers 503 beyond this queue instead of letting requests pile up.
         max_ongoing_requests=config.max_ongoing_requests,

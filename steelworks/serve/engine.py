@@ -1,24 +1,32 @@
-"""The built-in inference engine: one sequence at a time, a hand-written decode loop over the
-Hugging Face KV cache, and incremental detokenization that never splits a character.
+"""The built-in inference engine: continuous batching over the Hugging Face KV cache, and
+incremental detokenization that never splits a character.
 
-It is deliberately simple (no batching yet) but its surface is what a batching engine would
-expose too: ``encode_chat`` / ``generate`` / ``stream`` over token ids with ``SamplingParams``.
-Chat serving and evaluation both go through it (DESIGN principle 10).
+``Engine.stream`` validates a request and queues it; a scheduler thread (scheduler.py, which
+documents the batched cache) decodes all running sequences together, one token per step,
+letting requests join and leave between steps. Each request's tokens reach its
+``GenerationStream``, which turns them into text deltas in the consumer's thread. Chat
+serving and evaluation both go through this engine (DESIGN principle 10).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from steelworks.data.tokenizer import EOS, load_tokenizer
+from steelworks.serve.scheduler import Finished, QueueFullError, Request, Scheduler
+
+__all__ = ["Engine", "GenerationResult", "GenerationStream", "PromptLogprobs",
+           "PromptTooLongError", "QueueFullError", "SamplingParams"]
+
+# Top alternatives per token, as OpenAI caps chat's top_logprobs (vLLM's default max_logprobs).
+MAX_LOGPROBS = 20
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -47,6 +55,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # record each token's logprob and this many top alternatives
+    ignore_eos: bool = False  # keep going past stop tokens (benchmarks, as vLLM's ignore_eos)
 
     def __post_init__(self) -> None:
         def is_int(v: Any) -> bool:
@@ -71,6 +81,12 @@ class SamplingParams:
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and not (is_int(self.logprobs)
+                                              and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, "
+                             f"got {self.logprobs!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
 
 
 @dataclass
@@ -80,6 +96,18 @@ class GenerationResult:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    # With SamplingParams.logprobs set, one entry per token of token_ids: its logprob under
+    # the model's raw distribution (before penalties and temperature) and the top-N tokens.
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+class PromptLogprobs(NamedTuple):
+    """Per prompt token: log p(token | the tokens before it) and the top-N alternatives at
+    that position; ``None`` for the first token, which has no context."""
+
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[int, float] | None]
 
 
 class _TextAssembler:
@@ -136,75 +164,104 @@ class _TextAssembler:
         return delta
 
 
-class GenerationStream(Iterator[str]):
-    """Text deltas of one generation. ``result`` is set once the iterator is exhausted;
-    ``cancel()`` (safe from any thread) stops it before its next forward pass."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.prompt_tokens = len(prompt_ids)
+class GenerationStream(Iterator[str]):
+    """Text deltas of one generation, assembled from the scheduler's tokens in the thread
+    that iterates. ``result`` is set once the iterator is exhausted. ``token_ids`` (and, when
+    requested, ``token_logprobs`` / ``top_logprobs``) grow as deltas are read: the tokens
+    behind the text so far. ``cancel()`` (safe from any thread) ends it at once: no further
+    deltas, finish reason "cancelled", and the scheduler frees its batch row before its next
+    step."""
+
+    def __init__(self, engine: Engine, request: Request) -> None:
+        self.prompt_tokens = len(request.prompt)
         self.result: GenerationResult | None = None
-        self._cancel = threading.Event()
-        self._gen = self._run(engine, prompt_ids, params)
+        self.token_ids: list[int] = []
+        want = request.params.logprobs is not None
+        self.token_logprobs: list[float] | None = [] if want else None
+        self.top_logprobs: list[dict[int, float]] | None = [] if want else None
+        self._stop_ids = frozenset() if request.params.ignore_eos else engine.stop_token_ids
+        self._req = request
+        self._assembler = _TextAssembler(engine.tokenizer, request.params.stop)
+        self._cancelled = threading.Event()
+        self._failed = False
 
     def __next__(self) -> str:
-        return next(self._gen)
+        while self.result is None and not self._failed:
+            event = None if self._cancelled.is_set() else self._req.events.get()
+            if event is None or self._cancelled.is_set():
+                self._finish("cancelled")
+            elif isinstance(event, Finished):
+                if event.error is not None:
+                    self._failed = True
+                    raise RuntimeError(f"generation failed: {event.error!r}") from event.error
+                if tail := self._finish(event.reason):
+                    return tail
+            else:
+                self.token_ids.append(event.token_id)
+                if self.token_logprobs is not None:
+                    self.token_logprobs.append(event.logprob)
+                    self.top_logprobs.append(event.top)
+                if event.token_id in self._stop_ids:
+                    continue  # not text; Finished("stop") comes next
+                delta = self._assembler.add(event.token_id)
+                if self._assembler.stopped:  # a stop string: free the row now
+                    self._req.abort.set()
+                    self._finish("stop")
+                if delta:
+                    return delta
+        raise StopIteration
+
+    def _finish(self, reason: str) -> str:
+        """Set ``result``; return the held-back tail when the generation ended normally."""
+        a = self._assembler
+        tail = a.finish() if reason in ("stop", "length") and not a.stopped else ""
+        self.result = GenerationResult(
+            a.text, list(self.token_ids), reason, self.prompt_tokens,  # type: ignore[arg-type]
+            len(self.token_ids),
+            None if self.token_logprobs is None else list(self.token_logprobs),
+            None if self.top_logprobs is None else list(self.top_logprobs))
+        return tail
 
     def cancel(self) -> None:
-        self._cancel.set()
+        self._cancelled.set()
+        self._req.abort.set()
 
     def close(self) -> None:
-        """Cancel and release the KV cache (call from the consuming thread)."""
+        """Cancel; the scheduler releases the row's KV cache before its next step."""
         self.cancel()
-        self._gen.close()
 
-    def _run(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
-        assembler = _TextAssembler(engine.tokenizer, params.stop)
-        token_ids: list[int] = []
-        finish: FinishReason = "length"
-        tokens = engine._decode_loop(prompt_ids, params, self._cancel)
-        try:
-            for tid in tokens:
-                token_ids.append(tid)
-                if tid in engine.stop_token_ids:
-                    finish = "stop"
-                    break
-                delta = assembler.add(tid)
-                if delta:
-                    yield delta
-                if assembler.stopped:
-                    finish = "stop"
-                    break
-        finally:
-            tokens.close()
-        if self._cancel.is_set():
-            finish = "cancelled"
-        elif not assembler.stopped:
-            tail = assembler.finish()
-            if tail:
-                yield tail
-        self.result = GenerationResult(assembler.text, token_ids, finish, len(prompt_ids),
-                                       len(token_ids))
+    def __del__(self) -> None:  # an abandoned stream must not keep its batch row
+        req = getattr(self, "_req", None)
+        if req is not None:
+            req.abort.set()
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str = "model") -> None:
+    """Tokenization, validation and the request API over a continuous-batching scheduler.
+
+    ``max_batch_size`` sequences decode together; ``max_queue`` more wait for a slot, and
+    beyond that ``stream`` raises ``QueueFullError`` (the app answers 503).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str = "model",
+                 max_batch_size: int = 16, max_queue: int = 64) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.device = next(model.parameters()).device
-        # One forward pass at a time: sequences interleave step by step, each with its own
-        # cache, and CPU threads are not oversubscribed. Batching replaces this later.
-        self._lock = threading.Lock()
         stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOS)}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         stop.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.stop_token_ids = frozenset(
             t for t in stop if isinstance(t, int) and t != tokenizer.unk_token_id
         )
+        self._scheduler = Scheduler(self.model, self.stop_token_ids, max_batch_size, max_queue)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "cpu",
-                 dtype: torch.dtype | None = None) -> Engine:
+                 dtype: torch.dtype | None = None, max_batch_size: int = 16,
+                 max_queue: int = 64) -> Engine:
         """Load a local HF model directory that also holds its tokenizer."""
         from steelworks.train.models import load_model
 
@@ -212,12 +269,18 @@ class Engine:
             cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
             dtype = torch.bfloat16 if cuda_bf16 else torch.float32
         model = load_model(model_dir, dtype=dtype, device=device)
-        return cls(model, load_tokenizer(model_dir), name=Path(model_dir).resolve().name)
+        return cls(model, load_tokenizer(model_dir), name=Path(model_dir).resolve().name,
+                   max_batch_size=max_batch_size, max_queue=max_queue)
 
     @property
     def max_context(self) -> int:
         # The tokenizer's model_max_length is a placeholder (1 << 20); positions are the limit.
         return int(self.model.config.max_position_embeddings)
+
+    @property
+    def max_batch_size(self) -> int:
+        """Effective batch size: 1 for models that cannot take a padded batch."""
+        return self._scheduler.max_batch_size
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -239,16 +302,23 @@ class Engine:
         if prompt_tokens + max_tokens > self.max_context:
             raise PromptTooLongError(prompt_tokens, max_tokens, self.max_context)
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationStream:
-        """Validate now (so callers can answer 400 before streaming), generate lazily."""
+    def _validate(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("the prompt is empty")
         vocab = self.model.config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt):
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        return prompt
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationStream:
+        """Validate and queue now (so callers can answer 400, or 503 on ``QueueFullError``,
+        before streaming); tokens arrive as the scheduler decodes."""
+        prompt = self._validate(prompt_ids)
         self.check_fits(len(prompt), params.max_tokens)
-        return GenerationStream(self, prompt, params)
+        request = Request(prompt, params)
+        self._scheduler.submit(request)
+        return GenerationStream(self, request)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
         stream = self.stream(prompt_ids, params)
@@ -257,49 +327,37 @@ class Engine:
         assert stream.result is not None
         return stream.result
 
-    def _decode_loop(self, prompt_ids: list[int], params: SamplingParams,
-                     cancel: threading.Event) -> Iterator[int]:
-        """Prefill the prompt once, then feed back one token per step through the KV cache."""
-        seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        input_ids = torch.tensor([prompt_ids], device=self.device)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-            seen[input_ids[0]] = True
-        past = None
-        for _ in range(params.max_tokens):
-            if cancel.is_set():
-                return
-            with self._lock, torch.inference_mode():
-                out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True,
-                                 logits_to_keep=1)
-                past = out.past_key_values
-                tid = _pick(out.logits[0, -1].float(), params, seen, gen)
-            if seen is not None:
-                seen[tid] = True
-            yield tid
-            input_ids = torch.tensor([[tid]], device=self.device)
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int = 0) -> PromptLogprobs:
+        """Logprob of each prompt token given those before it (OpenAI's ``echo`` with
+        ``logprobs``), from one forward pass run on the scheduler thread between steps."""
+        prompt = self._validate(prompt_ids)
+        self.check_fits(len(prompt), 0)
+        if not (isinstance(top, int) and 0 <= top <= MAX_LOGPROBS):
+            raise ValueError(f"top must be an integer in [0, {MAX_LOGPROBS}], got {top!r}")
+        return self._scheduler.call(lambda: self._prompt_logprobs(prompt, top))
 
+    def _prompt_logprobs(self, prompt: list[int], top: int) -> PromptLogprobs:
+        ids = torch.tensor([prompt], device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=0).logits[0, :-1]
+        chosen: list[float | None] = [None]
+        tops: list[dict[int, float] | None] = [None]
+        # Position i predicts token i + 1. In chunks: [n, vocab] fp32 rows add up fast.
+        for start in range(0, logits.shape[0], 256):
+            lp = torch.log_softmax(logits[start : start + 256].float(), dim=-1)
+            targets = ids[0, start + 1 : start + 1 + lp.shape[0]]
+            chosen += lp.gather(1, targets[:, None])[:, 0].tolist()
+            values, indices = (t.tolist() for t in lp.topk(top, dim=-1))
+            tops += [dict(zip(i, v, strict=True)) for i, v in zip(indices, values, strict=True)]
+        return PromptLogprobs(chosen, tops)
 
-def _pick(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,
-          gen: torch.Generator) -> int:
-    """Next token from last-position logits, in the order transformers applies processors."""
-    if seen is not None:  # CTRL-style penalty, as transformers' RepetitionPenaltyLogitsProcessor
-        penalised = torch.where(logits < 0, logits * p.repetition_penalty,
-                                logits / p.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if p.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / p.temperature
-    if 0 < p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the mass before it already reaches top_p (the top one always stays).
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, -math.inf))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    def stats(self) -> dict[str, int]:
+        """Queue and batch sizes and running totals, for /metrics: ``waiting``, ``running``,
+        ``max_batch_size``, ``max_queue``, ``requests_total``, ``rejected_total``,
+        ``prompt_tokens_total``, ``generation_tokens_total``, ``decode_steps_total``,
+        ``batch_size_peak``."""
+        return self._scheduler.stats()
+
+    def shutdown(self, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop the scheduler thread: new requests are refused; queued and running ones are
+        cancelled (their streams end with "cancelled") or, with ``drain``, finished first."""
+        self._scheduler.shutdown(drain=drain, timeout=timeout)
