@@ -10,8 +10,8 @@ tokens, as in vLLM's benchmark_serving). Reported per concurrency: output tokens
 wall time, time to first token (TTFT) and inter-token latency (ITL) p50/p99, and the ratio
 to the baseline. The baseline is what a plain HF setup does without a serving engine: one
 ``model.generate`` call at a time (``min_new_tokens = max_new_tokens``) over the same
-prompts. The server is the app itself under uvicorn in this process (the engine a Ray
-Serve replica runs), so the figures are the engine's, not Ray's proxy's.
+prompts. The server is the app under uvicorn in its own process (the engine and app a Ray
+Serve replica runs, without Ray's proxy in front); the clients share the machine's cores.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import shlex
 import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,23 +71,42 @@ def prompts(model_dir: Path, n: int) -> list[str]:
     return out
 
 
-def serve(model_dir: Path, max_batch: int) -> tuple[str, Any]:
+def _server_main(model_dir: str, max_batch: int, port: int, threads: int) -> None:
     import uvicorn
 
     from steelworks.serve.app import build_app
     from steelworks.serve.config import ServeConfig
     from steelworks.serve.engine import Engine
 
+    torch.set_num_threads(threads)
     engine = Engine.from_dir(model_dir, max_batch_size=max_batch, max_queue=1024)
+    uvicorn.run(build_app(engine, ServeConfig(port=port)), host="127.0.0.1", port=port, log_level="warning")
+
+
+def serve(model_dir: Path, max_batch: int, threads: int) -> tuple[str, Any]:
+    """The server in its own process, as in production: the load generator's Python work
+    must not share a GIL with the engine it measures."""
+    import multiprocessing
+
+    import httpx
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, ServeConfig(port=port)), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", (server, engine)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_server_main, args=(str(model_dir), max_batch, port, threads), daemon=True)
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or not proc.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.2)
 
 
 async def client(base: str, texts: list[str], max_tokens: int, out: list[dict[str, Any]]) -> None:
@@ -163,12 +181,14 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--baseline-requests", type=int, default=8)
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--server-threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads in the server process")
     args = p.parse_args()
     model_dir = args.model or build_model(args.size)
     pool = prompts(model_dir, 256)
     base = baseline(model_dir, pool, args.baseline_requests, args.max_tokens)
     print(f"baseline (sequential transformers.generate): {base['tokens_per_s']:.1f} tokens/s", flush=True)
-    url, (server, engine) = serve(model_dir, args.max_batch)
+    url, proc = serve(model_dir, args.max_batch, args.server_threads)
     load(url, 1, 1, 8, pool)  # warm-up
     rows = []
     for c in args.concurrency:
@@ -176,8 +196,8 @@ def main() -> None:
         r["vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
         rows.append(r)
         print(f"concurrency {c}: {r['tokens_per_s']:.1f} tokens/s ({r['vs_baseline']:.2f}x)", flush=True)
-    server.should_exit = True
-    engine.shutdown()
+    proc.terminate()
+    proc.join(10)
     print(f"\n{shlex.join([sys.executable, *sys.argv])}")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; model {model_dir.name}; {args.max_tokens} tokens per request\n")

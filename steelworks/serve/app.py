@@ -8,6 +8,7 @@ input is a 4xx, never a 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -122,17 +123,30 @@ def _sse(obj: Any) -> str:
 
 
 async def _deltas(stream: GenerationStream, request: Request) -> AsyncIterator[str]:
-    """Text deltas computed in a worker thread, so the event loop keeps serving; stops
-    generating when the client goes away (disconnect seen here, or this task cancelled)."""
+    """Text deltas as the engine decodes them. The scheduler thread wakes this coroutine
+    through the event loop (no thread hop per token), and a client that fell behind gets the
+    tokens decoded meanwhile as one delta. Generation stops when the client goes away
+    (disconnect seen here, or this task cancelled)."""
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    stream.set_listener(lambda: loop.call_soon_threadsafe(ready.set))
     started, first = time.perf_counter(), None
     try:
-        while (delta := await run_in_threadpool(next, stream, None)) is not None:
-            if first is None:
-                first = time.perf_counter() - started
-            yield delta
-            if await request.is_disconnected():
+        while True:
+            ready.clear()
+            delta = stream.drain()
+            if delta:
+                if first is None:
+                    first = time.perf_counter() - started
+                yield delta
+                if await request.is_disconnected():
+                    return
+            if stream.done:
                 return
+            if not delta:
+                await ready.wait()
     finally:
+        stream.set_listener(None)
         stream.cancel()
         r = stream.result  # None when cancelled mid-step: the worker thread still holds it
         metrics = getattr(getattr(getattr(request, "app", None), "state", None), "metrics", None)

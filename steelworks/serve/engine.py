@@ -11,8 +11,9 @@ serving and evaluation both go through this engine (DESIGN principle 10).
 from __future__ import annotations
 
 import math
+import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -189,28 +190,54 @@ class GenerationStream(Iterator[str]):
     def __next__(self) -> str:
         while self.result is None and not self._failed:
             event = None if self._cancelled.is_set() else self._req.events.get()
-            if event is None or self._cancelled.is_set():
-                self._finish("cancelled")
-            elif isinstance(event, Finished):
-                if event.error is not None:
-                    self._failed = True
-                    raise RuntimeError(f"generation failed: {event.error!r}") from event.error
-                if tail := self._finish(event.reason):
-                    return tail
-            else:
-                self.token_ids.append(event.token_id)
-                if self.token_logprobs is not None:
-                    self.token_logprobs.append(event.logprob)
-                    self.top_logprobs.append(event.top)
-                if event.token_id in self._stop_ids:
-                    continue  # not text; Finished("stop") comes next
-                delta = self._assembler.add(event.token_id)
-                if self._assembler.stopped:  # a stop string: free the row now
-                    self._req.abort.set()
-                    self._finish("stop")
-                if delta:
-                    return delta
+            if piece := self._handle(event):
+                return piece
         raise StopIteration
+
+    def drain(self) -> str:
+        """The text of every token already decoded and not yet read, without waiting ("" when
+        there is none yet): a consumer that fell behind catches up in one piece."""
+        out = []
+        while self.result is None and not self._failed:
+            if self._cancelled.is_set():
+                self._finish("cancelled")
+                break
+            try:
+                event = self._req.events.get_nowait()
+            except queue.Empty:
+                break
+            out.append(self._handle(event))
+        return "".join(out)
+
+    def set_listener(self, wake: Callable[[], None] | None) -> None:
+        """Call ``wake()`` (from the scheduler thread) whenever a token or the end arrives."""
+        self._req.events.listener = wake
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self._failed
+
+    def _handle(self, event: Any) -> str:
+        """Apply one scheduler event; return the text it completes ("" for none)."""
+        if event is None or self._cancelled.is_set():
+            self._finish("cancelled")
+            return ""
+        if isinstance(event, Finished):
+            if event.error is not None:
+                self._failed = True
+                raise RuntimeError(f"generation failed: {event.error!r}") from event.error
+            return self._finish(event.reason)
+        self.token_ids.append(event.token_id)
+        if self.token_logprobs is not None:
+            self.token_logprobs.append(event.logprob)
+            self.top_logprobs.append(event.top)
+        if event.token_id in self._stop_ids:
+            return ""  # not text; Finished("stop") comes next
+        delta = self._assembler.add(event.token_id)
+        if self._assembler.stopped:  # a stop string: free the row now
+            self._req.abort.set()
+            self._finish("stop")
+        return delta
 
     def _finish(self, reason: str) -> str:
         """Set ``result``; return the held-back tail when the generation ended normally."""

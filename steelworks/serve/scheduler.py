@@ -70,11 +70,32 @@ class Finished:
     error: BaseException | None = None
 
 
+class EventQueue:
+    """The scheduler-to-consumer channel of one request: a thread-safe FIFO that can also
+    wake an asyncio consumer (``listener``, e.g. ``loop.call_soon_threadsafe(event.set)``),
+    so the HTTP side awaits tokens without a thread hop per token."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.listener: Callable[[], None] | None = None
+
+    def put(self, item: Any) -> None:
+        self._q.put(item)
+        if (wake := self.listener) is not None:
+            wake()
+
+    def get(self) -> Any:
+        return self._q.get()
+
+    def get_nowait(self) -> Any:
+        return self._q.get_nowait()
+
+
 @dataclass(eq=False)
 class Request:
     prompt: list[int]
     params: SamplingParams
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    events: EventQueue = field(default_factory=EventQueue)
     abort: threading.Event = field(default_factory=threading.Event)  # set by the consumer
     # Owned by the scheduler thread once admitted.
     generator: torch.Generator | None = None
