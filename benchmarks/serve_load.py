@@ -152,6 +152,35 @@ def load(base: str, concurrency: int, per_client: int, max_tokens: int, pool: li
             "itl_p50_ms": 1e3 * q(itl, 50), "itl_p99_ms": 1e3 * q(itl, 99)}
 
 
+def engine_only(model_dir: Path, pool: list[str], concurrency: list[int], per_client: int, max_tokens: int,
+                max_batch: int) -> list[dict[str, Any]]:
+    """The batching engine driven in-process by client threads (no HTTP, no JSON): what the
+    engine itself sustains, to separate it from the server's and the load generator's cost
+    on a machine whose cores they share."""
+    import threading
+
+    from steelworks.serve.engine import Engine, SamplingParams
+
+    engine = Engine.from_dir(model_dir, max_batch_size=max_batch, max_queue=1024)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    rows = []
+    for c in [1, *concurrency]:  # the first pass warms up
+        def work(k: int) -> None:
+            for i in range(per_client):
+                for _ in engine.stream(engine.encode(pool[(k * per_client + i) % len(pool)]), params):
+                    pass
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(c)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows.append({"concurrency": c, "tokens_per_s": c * per_client * max_tokens / (time.perf_counter() - t0)})
+    engine.shutdown()
+    return rows[1:]
+
+
 def baseline(model_dir: Path, pool: list[str], n: int, max_tokens: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -188,6 +217,10 @@ def main() -> None:
     pool = prompts(model_dir, 256)
     base = baseline(model_dir, pool, args.baseline_requests, args.max_tokens)
     print(f"baseline (sequential transformers.generate): {base['tokens_per_s']:.1f} tokens/s", flush=True)
+    direct = engine_only(model_dir, pool, args.concurrency, args.requests_per_client, args.max_tokens,
+                         args.max_batch)
+    for r in direct:
+        r["vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
     url, proc = serve(model_dir, args.max_batch, args.server_threads)
     load(url, 1, 1, 8, pool)  # warm-up
     rows = []
@@ -207,10 +240,13 @@ def main() -> None:
     for r in rows:
         print(f"| {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['vs_baseline']:.2f}x | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+    print("\n| clients | engine in-process (no HTTP) tokens/s | x baseline |\n|---:|---:|---:|")
+    for r in direct:
+        print(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['vs_baseline']:.2f}x |")
     from steelworks.platform.atomic import atomic_write_json
 
     atomic_write_json(WORK / "results.json", {"command": shlex.join([sys.executable, *sys.argv]),
-                                              "date": time.strftime("%Y-%m-%d"), "baseline": base, "rows": rows})
+                                              "date": time.strftime("%Y-%m-%d"), "baseline": base, "rows": rows, "engine_only": direct})
 
 
 if __name__ == "__main__":
