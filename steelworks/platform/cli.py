@@ -80,16 +80,22 @@ def cmd_serve(args) -> int:
     cfg.serve.keep_running = True
     _connect(cfg)
     model = args.model or str(Path(cfg.runs_dir) / cfg.run / "sft" / "hf")
+    if not (Path(model) / "config.json").exists() and (Path(model) / "hf" / "config.json").exists():
+        model = str(Path(model) / "hf")  # a train stage's directory: serve its HF export
     if not (Path(model) / "config.json").exists():
         raise ConfigError(f"--model {model}: not a Hugging Face model directory (run the sft stage "
                           "first, or point --model at runs/<run>/sft/hf)")
     cfg.serve.model_name = cfg.serve.model_name or cfg.data.demo.model_name
+    exam = _demo_exam(cfg)
+    if exam and "demo" not in cfg.serve.benchmarks:  # POST /v1/evals {"benchmark": "demo"}
+        cfg.serve.benchmarks["demo"] = exam
     url = deploy(model, cfg.serve)
     auth = f" -H 'Authorization: Bearer {cfg.serve.api_key}'" if cfg.serve.api_key else ""
     print(f"serving {model} as '{cfg.serve.model_name}' at {url}/v1  (Ctrl-C to stop)\n"
           f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
           f"    -d '{{\"model\": \"{cfg.serve.model_name}\", \"messages\": "
-          f"[{{\"role\": \"user\", \"content\": \"你是谁？\"}}]}}'", flush=True)
+          f"[{{\"role\": \"user\", \"content\": \"你是谁？\"}}]}}'\n"
+          f"  web chat: {url}/chat   metrics: {url}/metrics", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -98,6 +104,17 @@ def cmd_serve(args) -> int:
 
         shutdown()
     return 0
+
+
+def _demo_exam(cfg) -> str | None:
+    """The run's demo exam directory, when its data stage built one."""
+    import json
+
+    manifest = Path(cfg.runs_dir) / cfg.run / "data" / "manifest.json"
+    if not manifest.exists():
+        return None
+    exam = json.loads(manifest.read_text()).get("exam")
+    return str((manifest.parent / exam).resolve()) if exam else None
 
 
 STAGE_HELP = {
