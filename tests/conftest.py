@@ -50,6 +50,27 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shaken_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model with its weights shaken. A fresh init greedily repeats one token, which
+    would let a broken KV cache, mixed-up batch rows or a page that shows the wrong reply
+    pass a comparison unnoticed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from steelworks.data.tokenizer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    out = tmp_path_factory.mktemp("shaken_model")
+    model.save_pretrained(out)
+    load_tokenizer(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray session for the whole test run (starting Ray costs seconds on 2 cores)."""
     ray = pytest.importorskip("ray")

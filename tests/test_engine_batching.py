@@ -21,14 +21,11 @@ TEXTS = ["北京是中国的首都。", "你好", "答案是A。以下是中国�
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir):
-    """The tiny model with its weights shaken (as in test_serve): the freshly initialised one
-    repeats a single token, which would hide mixed-up rows."""
-    eng = Engine.from_dir(tiny_model_dir)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in eng.model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+def model_and_tokenizer(shaken_model_dir):
+    """The shaken tiny model (conftest): a fresh init repeats one token and would hide
+    mixed-up rows."""
+    eng = Engine.from_dir(shaken_model_dir)
+    eng.shutdown()  # only its model and tokenizer are shared by the engines under test
     return eng.model, eng.tokenizer
 
 

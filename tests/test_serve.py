@@ -22,15 +22,10 @@ HELLO = [{"role": "user", "content": "你好，你是谁？"}]
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir) -> Engine:
-    """The tiny model with its weights shaken: the freshly initialised one greedily repeats a
-    single token, which would let a broken KV cache pass the comparison with transformers."""
-    eng = Engine.from_dir(tiny_model_dir)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in eng.model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-    return eng
+def engine(shaken_model_dir) -> Engine:
+    eng = Engine.from_dir(shaken_model_dir)
+    yield eng
+    eng.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +175,12 @@ def test_prompt_too_long_is_rejected_before_work(engine):
 
 # --- HTTP app --------------------------------------------------------------------------------
 
-def test_models_and_health(client, tiny_model_dir, engine):
+def test_models_and_health(client, shaken_model_dir, engine):
     assert client.get("/health").status_code == 200
     r = client.get("/v1/models", headers=AUTH)
     assert r.json()["object"] == "list" and [m["id"] for m in r.json()["data"]] == ["steel"]
     unnamed = TestClient(build_app(engine, ServeConfig()))
-    assert unnamed.get("/v1/models").json()["data"][0]["id"] == tiny_model_dir.name
+    assert unnamed.get("/v1/models").json()["data"][0]["id"] == shaken_model_dir.name
 
 
 def test_auth_required_except_health(client):
