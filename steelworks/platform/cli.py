@@ -39,9 +39,26 @@ def _connect(cfg: PipelineConfig) -> None:
     logging.getLogger("steelworks").info("ray: %s", connect(cfg.ray.address, cfg.ray.num_cpus))
 
 
+def cmd_compare(args) -> int:
+    from steelworks.evals.compare import compare, render_markdown, write_comparison
+
+    if len(args.runs) != 2:
+        raise ConfigError("eval compare needs two eval directories: steelworks eval compare A B")
+    try:
+        result = compare(*args.runs)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    print(render_markdown(result))
+    if args.out:
+        print("wrote " + ", ".join(write_comparison(result, args.out)))
+    return 0
+
+
 def cmd_stage(args) -> int:
     from steelworks.platform import pipeline
 
+    if getattr(args, "action", None) == "compare":
+        return cmd_compare(args)
     cfg = _load(args)
     _connect(cfg)
     if args.command == "eval":
@@ -142,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--model", default=None,
                            help="evaluate this HF model directory instead of the run's SFT model")
+            p.add_argument("action", nargs="?", choices=["compare"],
+                           help="`eval compare A B`: line up two eval runs (directories with "
+                                "report.json) subject by subject and list the flipped items")
+            p.add_argument("runs", nargs="*", help="the two eval directories to compare")
+            p.add_argument("--out", default=None, help="compare: also write compare.json/.md here")
         p.set_defaults(func=cmd_stage)
     p = sub.add_parser("pipeline", help="run the stages in order (data .. serve); finished "
                        "stages with unchanged config and inputs are skipped",
