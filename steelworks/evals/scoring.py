@@ -162,21 +162,10 @@ def select_shots(item: Item, pool: Sequence[Item], num_shots: int) -> list[Item]
     return candidates[:num_shots]
 
 
-def predict(
-    model: Any,
-    tokenizer: Any,
-    items: Sequence[Item],
-    subjects: Sequence[Subject],
-    cfg: EvalConfig,
-    shots: Mapping[str, Sequence[Item]] | None = None,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Score every item's four choices; one record per item, in input order.
-
-    Records are ``{subject, id, answer, pred, scores, correct}``; ``scores`` are per letter
-    (normalised per character in option_text mode) and ``correct`` is None without a gold
-    answer.  ``shots`` maps subject name -> dev items, used when ``cfg.num_shots > 0``.
-    """
+def build_requests(tokenizer: Any, items: Sequence[Item], subjects: Sequence[Subject], cfg: EvalConfig,
+                   shots: Mapping[str, Sequence[Item]] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Each item's context (prompt, chat-wrapped when ``cfg.chat``) and the four continuations
+    to score after it (letters, or option texts). Shared by every backend."""
     by_name = {s.name: s for s in subjects}
     contexts, continuations = [], []
     for item in items:
@@ -189,9 +178,13 @@ def predict(
             continuations.append(list(LETTERS))
         else:
             continuations.append([item.options[letter] for letter in LETTERS])
+    return contexts, continuations
 
-    model.eval()  # no dropout: scores must be deterministic
-    raw = score_continuations(model, tokenizer, contexts, continuations, cfg.batch_size, progress)
+
+def to_records(items: Sequence[Item], continuations: Sequence[Sequence[str]],
+               raw: Sequence[Sequence[float]], cfg: EvalConfig) -> list[dict[str, Any]]:
+    """Continuation log-likelihoods -> one prediction record per item (option_text scores
+    are normalised per character; ties go to the first letter)."""
     records = []
     for item, conts, item_scores in zip(items, continuations, raw, strict=True):
         if cfg.scoring == "option_text":
@@ -209,3 +202,24 @@ def predict(
             }
         )
     return records
+
+
+def predict(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[Item],
+    subjects: Sequence[Subject],
+    cfg: EvalConfig,
+    shots: Mapping[str, Sequence[Item]] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Score every item's four choices; one record per item, in input order.
+
+    Records are ``{subject, id, answer, pred, scores, correct}``; ``scores`` are per letter
+    (normalised per character in option_text mode) and ``correct`` is None without a gold
+    answer.  ``shots`` maps subject name -> dev items, used when ``cfg.num_shots > 0``.
+    """
+    contexts, continuations = build_requests(tokenizer, items, subjects, cfg, shots)
+    model.eval()  # no dropout: scores must be deterministic
+    raw = score_continuations(model, tokenizer, contexts, continuations, cfg.batch_size, progress)
+    return to_records(items, continuations, raw, cfg)
