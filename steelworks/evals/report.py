@@ -6,6 +6,10 @@ Definitions (both are reported because papers use both and they can differ by po
 - macro accuracy: the unweighted mean of the group's per-subject accuracies, so a subject
   with 20 questions weighs as much as one with 200.
 
+Beside the four categories, two cross-cutting groups are reported when any of their subjects
+was evaluated: ``hard`` (C-Eval Hard, ``Subject.hard``) and ``china_specific`` (CMMLU's
+China-specific subjects, ``Subject.china_specific``); the papers' tables have both.
+
 Items without a gold answer (C-Eval test) are counted as ``unscored`` and left out of every
 accuracy; a group with no scored item has accuracy None (JSON null), never 0.
 """
@@ -17,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from steelworks.evals.benchmarks import CEVAL_HARD_SUBJECTS, Subject
+from steelworks.evals.benchmarks import Subject
 from steelworks.platform.atomic import atomic_open, atomic_write_json, atomic_write_text
 
 CHANCE = 0.25  # four options
@@ -45,7 +49,8 @@ def _group(names: list[str], per_subject: dict[str, dict[str, Any]]) -> dict[str
 
 
 def aggregate(predictions: Sequence[dict[str, Any]], subjects: Sequence[Subject]) -> dict[str, Any]:
-    """Per-subject, per-category, overall and (when present) C-Eval Hard accuracies."""
+    """Per-subject, per-category, overall and (when present) C-Eval Hard and CMMLU
+    China-specific accuracies."""
     by_name = {s.name: s for s in subjects}
     per_subject: dict[str, dict[str, Any]] = {
         s.name: {"name_en": s.name_en, "name_zh": s.name_zh, "category": s.category,
@@ -81,9 +86,13 @@ def aggregate(predictions: Sequence[dict[str, Any]], subjects: Sequence[Subject]
         "subjects": per_subject,
         "categories": {cat: _group(names, per_subject) for cat, names in sorted(categories.items())},
     }
-    hard = [name for name in evaluated if name in CEVAL_HARD_SUBJECTS]
+    # By the Subject's flag, not its name: CMMLU's high_school_physics is not C-Eval Hard.
+    hard = [name for name in evaluated if by_name[name].hard]
     if hard:
         report["hard"] = _group(hard, per_subject)
+    china = [name for name in evaluated if by_name[name].china_specific]
+    if china:
+        report["china_specific"] = _group(china, per_subject)
     return report
 
 
@@ -106,6 +115,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     groups = dict(report["categories"])
     if "hard" in report:
         groups["C-Eval Hard"] = report["hard"]
+    if "china_specific" in report:
+        groups["China-specific"] = report["china_specific"]
     for cat, g in groups.items():
         lines.append(f"| {cat} | {len(g['subjects'])} | {g['n']} | {g['correct']} | "
                      f"{_fmt(g['acc'])} | {_fmt(g['macro_acc'])} |")

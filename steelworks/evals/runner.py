@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from steelworks.evals.benchmarks import Item, load_ceval_layout
+from steelworks.evals.benchmarks import Item, load_benchmark
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.report import aggregate, write_report
 from steelworks.evals.scoring import predict
@@ -37,12 +37,12 @@ def evaluate(model: Any, tokenizer: Any, benchmark_dir: str | Path, cfg: EvalCon
 
     Shared by the batch path (``evaluate_model_dir``) and the serving app's ``/v1/evals``."""
     started = time.time()
-    subjects, by_subject = load_ceval_layout(benchmark_dir, cfg.split)
+    subjects, by_subject = load_benchmark(benchmark_dir, cfg.split)
     items = limit_items(by_subject, cfg.max_items)
     shots: dict[str, list[Item]] = {}
     if cfg.num_shots > 0:
         # C-Eval's few-shot examples are the dev split's items, in file order.
-        _, shots = load_ceval_layout(benchmark_dir, "dev")
+        _, shots = load_benchmark(benchmark_dir, "dev")
         missing = [s.name for s in subjects if s.name not in shots]
         if missing:
             raise FileNotFoundError(

@@ -43,7 +43,7 @@ class EvalRequest(BaseModel):
 def build_eval_router(engine: Any, config: ServeConfig, require_key: Callable,
                       error: Callable[..., Exception]) -> APIRouter:
     """The router; ``error(status, message, param=...)`` builds the app's OpenAI-style error."""
-    from steelworks.evals.benchmarks import load_ceval_layout
+    from steelworks.evals.benchmarks import load_benchmark
     from steelworks.evals.runner import evaluate, limit_items
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
@@ -58,7 +58,7 @@ def build_eval_router(engine: Any, config: ServeConfig, require_key: Callable,
         cfg = EvalConfig(benchmark=directory, split=req.split, num_shots=req.num_shots,
                          scoring=req.scoring, chat=req.chat, max_items=req.max_items)
         try:
-            _, by_subject = load_ceval_layout(directory, req.split)
+            _, by_subject = load_benchmark(directory, req.split)
         except (FileNotFoundError, ValueError) as e:
             raise error(400, f"benchmark {req.benchmark!r}: {e}", param="split") from e
         return directory, cfg, len(limit_items(by_subject, req.max_items))
