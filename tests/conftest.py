@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -68,6 +69,34 @@ def shaken_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     model.save_pretrained(out)
     load_tokenizer(tiny_model_dir).save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(asgi_app):
+    """Serve an ASGI app with a real uvicorn on a free port in a background thread; yields
+    the base URL (requests really travel over HTTP and run concurrently)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(asgi_app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 @pytest.fixture(scope="session")

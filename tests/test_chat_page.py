@@ -15,7 +15,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import threading
 import time
 import urllib.parse
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
+from conftest import uvicorn_in_thread
 from fastapi.testclient import TestClient
 
 from steelworks.serve.app import build_app
@@ -117,22 +116,8 @@ def server(engine: Engine) -> Iterator[Server]:
 
     asgi = route_prefixes({PREFIX: app(PREFIX), LOCKED: app(LOCKED, api_key=KEY)},
                           {BARE: app(BARE)}, app(""))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(asgi, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield Server(f"http://127.0.0.1:{port}")
-    finally:
-        uv.should_exit = True
-        thread.join(10)
-        sock.close()
+    with uvicorn_in_thread(asgi) as url:
+        yield Server(url)
 
 
 # --- headless Chromium over the DevTools protocol --------------------------------------------

@@ -5,15 +5,12 @@ same predictions, same scores — for the same model loaded in this process."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
+from conftest import uvicorn_in_thread
 
 from steelworks.evals.benchmarks import Item, Subject, load_ceval_layout
 from steelworks.evals.config import EvalConfig
@@ -40,22 +37,8 @@ def server_url(engine: Engine) -> Iterator[str]:
     """The app under a real uvicorn on a free port, in a background thread (as a deployment
     would run it), so requests really travel over HTTP and run concurrently."""
     app = build_app(engine, ServeConfig(api_key=KEY, model_name=MODEL))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(10)
-        sock.close()
+    with uvicorn_in_thread(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -268,6 +268,31 @@ def read_cmmlu_csv(path: str | Path, subject: str) -> list[Item]:
     return items
 
 
+def _collect(
+    candidates: list[Subject], find: Callable[[str], Path | None],
+    read: Callable[[Path, str], list[Item]], where: Path, split: str,
+) -> tuple[list[Subject], dict[str, list[Item]]]:
+    """Read each candidate subject's CSV (in candidate order). A subject without one is
+    skipped with a log line (a partial download is legitimate); an empty CSV is an error."""
+    subjects: list[Subject] = []
+    items: dict[str, list[Item]] = {}
+    missing: list[str] = []
+    for subject in candidates:
+        path = find(subject.name)
+        if path is None:
+            missing.append(subject.name)
+            continue
+        subject_items = read(path, subject.name)
+        if not subject_items:
+            raise BenchmarkFormatError(f"{path}: no records after the header")
+        subjects.append(subject)
+        items[subject.name] = subject_items
+    if missing:
+        log.info("%s: %d subject(s) have no %s CSV and are skipped: %s",
+                 where, len(missing), split, ", ".join(missing))
+    return subjects, items
+
+
 def load_ceval_layout(directory: str | Path, split: str) -> tuple[list[Subject], dict[str, list[Item]]]:
     """Subjects that have a CSV for ``split`` (mapping order) and their items by subject name.
 
@@ -281,24 +306,8 @@ def load_ceval_layout(directory: str | Path, split: str) -> tuple[list[Subject],
 def _load_ceval(
     directory: Path, split: str, mapping: list[Subject]
 ) -> tuple[list[Subject], dict[str, list[Item]]]:
-    subjects: list[Subject] = []
-    items: dict[str, list[Item]] = {}
-    missing: list[str] = []
-    for subject in mapping:
-        path = _find_csv(directory, subject.name, split)
-        if path is None:
-            missing.append(subject.name)
-            continue
-        subject_items = read_ceval_csv(path, subject.name, split)
-        if not subject_items:
-            raise BenchmarkFormatError(f"{path}: no records after the header")
-        subjects.append(subject)
-        items[subject.name] = subject_items
-    if missing:
-        log.info(
-            "%s: %d subject(s) have no %s CSV and are skipped: %s",
-            directory, len(missing), split, ", ".join(missing),
-        )
+    subjects, items = _collect(mapping, lambda name: _find_csv(directory, name, split),
+                               lambda path, name: read_ceval_csv(path, name, split), directory, split)
     if not subjects:
         raise FileNotFoundError(
             f"{directory}: no '{{subject}}_{split}.csv' for any subject of {MAPPING_FILE} "
@@ -328,24 +337,7 @@ def load_cmmlu_layout(directory: str | Path, split: str) -> tuple[list[Subject],
             f"{split_dir}: CSV(s) for subject(s) not in the CMMLU map: {', '.join(unknown)} "
             f"(the 67 known subjects are in steelworks/evals/subjects.py)"
         )
-    subjects: list[Subject] = []
-    items: dict[str, list[Item]] = {}
-    missing: list[str] = []
-    for subject in cmmlu_subjects():
-        path = present.get(subject.name)
-        if path is None:
-            missing.append(subject.name)
-            continue
-        subject_items = read_cmmlu_csv(path, subject.name)
-        if not subject_items:
-            raise BenchmarkFormatError(f"{path}: no records after the header")
-        subjects.append(subject)
-        items[subject.name] = subject_items
-    if missing:
-        log.info(
-            "%s: %d subject(s) have no %s CSV and are skipped: %s",
-            split_dir, len(missing), split, ", ".join(missing),
-        )
+    subjects, items = _collect(cmmlu_subjects(), present.get, read_cmmlu_csv, split_dir, split)
     if not subjects:
         raise FileNotFoundError(f"{split_dir}: no '{{subject}}.csv' for any CMMLU subject")
     return subjects, items
