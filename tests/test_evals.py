@@ -169,6 +169,13 @@ def test_chat_prompt_opens_the_assistant_turn(tiny_tokenizer_dir: Path) -> None:
 
     text = chat_prompt(load_tokenizer(tiny_tokenizer_dir), "问题\n答案：")
     assert text == "<|im_start|>user\n问题\n答案：<|im_end|>\n<|im_start|>assistant\n"
+    # The two variants of one item, character for character: the base-model prompt is the
+    # documented exam text; the chat variant is that text as the user turn, answer turn open.
+    base = build_prompt("大学物理", _item("1+1=?", "B"), [])
+    assert base == ("以下是中国关于大学物理考试的单项选择题，请选出其中的正确答案。\n\n"
+                    "1+1=?\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案：")
+    assert chat_prompt(load_tokenizer(tiny_tokenizer_dir), base) == (
+        "<|im_start|>user\n" + base + "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_select_shots_never_uses_the_item_itself() -> None:

@@ -161,7 +161,12 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "accuracy_by_category.png"]
     atomic_write_json(paths[0], {"summary": report, "predictions": list(predictions)})
-    atomic_write_text(paths[1], render_markdown(report))
+    markdown = render_markdown(report)
+    if "unparseable" in report:  # generative runs: what the extraction could not read
+        from steelworks.evals.generative import format_unparseable  # pulls in the engine
+
+        markdown += "\n" + format_unparseable(report["unparseable"])
+    atomic_write_text(paths[1], markdown)
     png = render_category_chart(report)  # rendered first so a plotting error leaves no temp file
     with atomic_open(paths[2], "wb") as f:
         f.write(png)

@@ -160,9 +160,7 @@ def run_sft(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
 
 
 def run_eval(cfg: PipelineConfig, force: bool = False, model_dir: str | None = None) -> dict[str, Any]:
-    import ray
-
-    from steelworks.evals.runner import evaluate_model_dir
+    from steelworks.evals.batch import evaluate_on_ray
 
     demo = cfg.eval.benchmark == "demo"  # the demo exam comes from the data stage
     inputs = (["data"] if demo else []) + (["sft"] if model_dir is None else [])
@@ -179,9 +177,9 @@ def run_eval(cfg: PipelineConfig, force: bool = False, model_dir: str | None = N
         bench = str(stage.inputs["data"] / data["exam"])
     else:
         bench = cfg.eval.benchmark
-    # The scoring runs as a Ray task, so a submitted pipeline puts it on the cluster.
-    task = ray.remote(num_cpus=1)(evaluate_model_dir)
-    summary = ray.get(task.remote(model, bench, cfg.eval, str(stage.dir)))
+    # Scoring runs on eval.replicas Ray Data actors, so a submitted pipeline spreads the
+    # benchmark over the cluster; the report is written here, by the driver.
+    summary, _ = evaluate_on_ray(model, bench, cfg.eval, stage.dir)
     return stage.finish(list_outputs(stage.dir), metrics=summary)
 
 
