@@ -63,6 +63,25 @@ def test_changed_shard_is_refused_by_name(tmp_path):
         PackedLoader(tmp_path, 0, 1, micro_batch=2, grad_accum=1, seed=0).load_state_dict(state)
 
 
+def test_corrupt_shard_is_refused_by_name_before_training(tmp_path):
+    _shards(tmp_path, n=40)
+    PackedLoader(tmp_path, 0, 1, micro_batch=2, grad_accum=1, seed=0)  # intact: accepted
+    with open(tmp_path / "s1.bin", "r+b") as f:
+        f.seek(8)
+        f.write(b"\x00\x01")  # bit rot in the middle of the file
+    with pytest.raises(ValueError, match=r"s1\.bin changed: sha256"):
+        PackedLoader(tmp_path, 0, 1, micro_batch=2, grad_accum=1, seed=0)
+    # With two ranks the shards are split between them: exactly one of them checks s1.
+    refused = 0
+    for rank in (0, 1):
+        try:
+            PackedLoader(tmp_path, rank, 2, micro_batch=1, grad_accum=1, seed=0)
+        except ValueError as e:
+            assert "s1.bin" in str(e)
+            refused += 1
+    assert refused == 1
+
+
 def test_sft_mask_labels(tmp_path):
     tokens = _shards(tmp_path, n=8, mask=True)  # mask = token % 2
     loader = PackedLoader(tmp_path, 0, 1, micro_batch=8, grad_accum=1, seed=0)

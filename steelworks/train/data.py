@@ -84,6 +84,13 @@ class PackedLoader:
         self.dirs = [Path(d) for d in directories]
         self.rank, self.world, self.micro, self.accum, self.seed = rank, world, micro_batch, grad_accum, seed
         self._set_shards(_open_sets(self.dirs))
+        # A shard damaged since the tokenizer stage wrote it would feed garbage silently:
+        # check every file against its recorded sha256 before the first step. The ranks
+        # split the work (shard k on rank k % world), so a 1T-token run hashes its ~2 TB
+        # once in all rather than once per GPU; the rank that finds one fails the group.
+        for k, shard in enumerate(self.shards):
+            if k % world == rank:
+                verify_shard(shard.directory, shard.info)
         self.epoch, self.cursor = 0, 0
         self.appends: list[dict[str, int]] = []  # this epoch's: {"cursor", "known"}
         self.appended: list[str] = []  # shards added at this resume (for the log)
