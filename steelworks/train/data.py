@@ -196,8 +196,7 @@ class PackedLoader:
             if shard is None:
                 raise ValueError(f"shard {rec['file']} (sha256 {rec['sha256'][:12]}...) was trained on "
                                  f"but is missing or changed in {', '.join(map(str, self.dirs))}")
-            verify_shard(shard.directory, shard.info)  # the bytes still match the index
-            known.append(shard)
+            known.append(shard)  # its bytes were checked against the index in __init__
         new = [s for s in self.shards if s.info.sha256 in by_hash]
         self._set_shards(known + new)  # global ids: what the run knew first, then the new
         self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["cursor"]

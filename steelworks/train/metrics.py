@@ -14,7 +14,10 @@ import torch
 log = logging.getLogger("steelworks.train")
 
 # Dense bf16 peak FLOP/s per device from vendor datasheets (no sparsity).
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+# Dense bf16 peaks (no sparsity), matched as substrings of the device name, first match wins:
+# "H100 PCIe" before "H100" (SXM), and H800 (Steel-LLM's GPU) has the H100 SXM's compute.
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
+                  "A100": 312e12, "A800": 312e12, "L40S": 362e12, "A10G": 125e12,
                   "L4": 121e12, "4090": 165e12}
 
 
