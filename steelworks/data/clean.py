@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,17 @@ from steelworks.data.config import DataConfig, SourceConfig
 KEPT, DUPLICATE, QUARANTINED = "kept", "duplicate", "quarantined"
 CLEAN_COLUMNS = ["source", "path", "line", "text"]
 SFT_COLUMNS = ["source", "path", "line", "messages", "task_type"]
+# Test hook (tests/test_faults_data_serve.py): set to a marker file path in the *driver's*
+# environment, it makes the first filtering task that runs create the marker and kill its
+# own worker process (``os._exit``, no cleanup), as an OOM kill or a lost node would; Ray
+# Data then retries the task. The driver reads it and hands it to the tasks as an argument
+# because a Ray worker's environment is the raylet's, fixed when the cluster started (a test
+# sharing an already-running local cluster could not reach the workers otherwise). Unset:
+# nothing changes.
+FAULT_ENV = "STEELWORKS_FAULT_DATA"
+# Rows per parquet row group of the written shards: ~32 MB of typical 4 KB documents, what
+# a reader holds at once (Arrow's default cap is 1Mi rows).
+PARQUET_ROW_GROUP_ROWS = 8192
 
 
 def recipe_for(cfg: DataConfig, src: SourceConfig):
@@ -37,11 +49,27 @@ def recipe_for(cfg: DataConfig, src: SourceConfig):
     return load_recipe(ref) if ref else Recipe.default(cfg.min_chars, cfg.max_chars)
 
 
-def apply_recipe(batch: pd.DataFrame, recipe, stat_columns: list[str], dedup_shards: int
-                 ) -> pd.DataFrame:
+def _fault(marker: str | None) -> None:
+    """Test hook (see ``FAULT_ENV``): die once, in whichever worker gets here first. The
+    marker is created exclusively (O_EXCL), so of several tasks running at once exactly one
+    dies, and the retried task (or any later one) goes through."""
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()}\n".encode())  # the test checks this process is gone
+    os.close(fd)
+    os._exit(17)
+
+
+def apply_recipe(batch: pd.DataFrame, recipe, stat_columns: list[str], dedup_shards: int,
+                 fault_marker: str | None = None) -> pd.DataFrame:
     """Ray Data batch function: normalize + filter with one recipe, then hash for dedup.
     Every recipe's stat columns are present (NaN where another recipe applies), so the
     datasets of sources with different recipes can be unioned."""
+    _fault(fault_marker)
     batch = recipe.apply_batch(batch)
     for name in stat_columns:
         if name not in batch:
@@ -112,7 +140,8 @@ def clean_text(cfg: DataConfig, sources: list[SourceConfig], partitions: int):
     parts = [read_source(s).map_batches(apply_recipe, batch_format="pandas",
                                         fn_kwargs={"recipe": recipes[s.name],
                                                    "stat_columns": stat_columns,
-                                                   "dedup_shards": 8 * partitions})
+                                                   "dedup_shards": 8 * partitions,
+                                                   "fault_marker": os.environ.get(FAULT_ENV)})
              for s in sources]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if cfg.dedup.exact:
@@ -209,7 +238,11 @@ def write_stats(ds, recipes: dict[str, Any], sources: list[SourceConfig], out_di
     cols = sorted({f.column for r in recipes.values() for f in r.filters})
     rows = (ds.filter(expr=col("status") != QUARANTINED)
               .select_columns(["source", "path", "line", "status", *cols]).limit(sample))
-    stats = rows.to_pandas()
+    # Rows come in the order the dedup shuffle's partitions finished, which varies with
+    # timing (a retried task, a slower node); sorted, the file is the same bytes every run
+    # (when the corpus has more rows than ``sample``, which rows are kept still varies).
+    stats = rows.to_pandas().sort_values(["source", "path", "line"], kind="stable",
+                                         ignore_index=True)
     (out_dir / "stats").mkdir(parents=True, exist_ok=True)
     with atomic_open(out_dir / "stats" / "doc_stats.parquet", "wb") as f:
         stats.to_parquet(f, index=False)
@@ -233,7 +266,10 @@ def write_parquet_dir(ds, out_dir: Path, name: str) -> list[str]:
 
     tmp, final = out_dir / f"{name}.tmp", out_dir / name
     shutil.rmtree(tmp, ignore_errors=True)
-    ds.write_parquet(str(tmp))
+    # Fixed-size row groups: by default each block a write task receives becomes a row
+    # group, and block boundaries follow the sort's sampled ranges, which vary from run to
+    # run (a retried task is enough), so the same rows would give different bytes.
+    ds.write_parquet(str(tmp), row_group_size=PARQUET_ROW_GROUP_ROWS)
     files = sorted(tmp.glob("*.parquet"))  # Ray names them <uuid>_<task:06>_<block:06>
     for i, f in enumerate(files):
         f.rename(tmp / f"part-{i:05d}-of-{len(files):05d}.parquet")
