@@ -389,3 +389,29 @@ def test_token_weights_reproduce_the_loss_terms(mode):
                                            reduction="none").view(2, 9)
     expected = _loss_terms(logits, b)[0 if mode == "token" else 1]
     assert float((ce * _token_weights(b, mode)).sum()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_run_lock_makes_a_second_run_wait_for_the_first_to_die(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from steelworks.train.checkpoint import run_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom steelworks.train.checkpoint import run_lock\n"
+         f"with run_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=rf"locked by another training process \(pid {holder.pid}\)"):
+            with run_lock(tmp_path, timeout_s=1):
+                pass
+        holder.send_signal(signal.SIGKILL)  # dies without cleanup: the kernel drops the lock
+        holder.wait(10)
+        with run_lock(tmp_path, timeout_s=10):
+            assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    finally:
+        holder.kill()
+        holder.wait(10)

@@ -44,8 +44,13 @@ tokenizer=<tokenizer>, batch_size=<n>, add_bos_token=False)`` and
 every other argument at its default (no chat template, no system instruction, lm-eval's
 seeds).  ``add_bos_token=False`` makes HFLM encode without special tokens, as our scorer
 does.  HFLM encodes context + letter together and splits at the context's token count; our
-scorer encodes them apart.  The two agree because our byte-level pre-tokenizer never merges
-the letter with the "：" before it (the parity test checks the ids).  Both left-truncate to
+scorer encodes them apart.  The two agree when the tokenizer has no token joining "：" and
+the letter (the parity test checks the ids for its tokenizer).  Our pre-tokenizer, like
+cl100k's and Qwen's, lets one punctuation mark lead a word, so a BPE trained on web text
+that has "：A" often (../shared's samples do) learns "：A" as one token; then the base-model
+prompt has no token boundary before the letter, lm-eval's HFLM stops with ``assert
+len(continuation_enc) > 0``, and our scorer asks for a split the model never saw in
+training (chat prompts are unaffected: the letter starts the assistant turn's line).  Both left-truncate to
 the model's ``max_position_embeddings`` tokens.  The prediction is the argmax of the four
 per-letter log-likelihoods in the logged samples, first letter on ties (as lm-eval's ``acc``
 and our ``to_records`` break them).

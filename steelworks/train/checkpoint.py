@@ -10,9 +10,13 @@ leaves the previous checkpoint as the latest complete one. Only directories with
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
+import os
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,40 @@ def _dist() -> tuple[int, int]:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def run_lock(ckpt_dir: str | Path, timeout_s: float = 120.0) -> Iterator[None]:
+    """Hold ``ckpt_dir/.lock`` (an flock) while training writes into ``ckpt_dir``.
+
+    A killed driver does not take its Ray workers with it at once: they live in their own
+    process groups and go on for seconds (tests/test_faults_driver.py saw up to ~30 s), long
+    enough for a re-submitted run to start writing the same checkpoints. Rank 0 of each run
+    takes this lock first, so the new run waits for the old worker to die (the kernel drops
+    an flock with its process, however it ends) instead of racing it.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(ckpt_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                    raise RuntimeError(
+                        f"{ckpt_dir} is locked by another training process (pid {holder}) for "
+                        f"over {timeout_s:.0f} s; is an earlier run of this stage still alive?"
+                    ) from None
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:

@@ -12,6 +12,7 @@ by long ones). FSDP averages gradients over ranks, so each rank scales its local
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -31,6 +32,7 @@ from steelworks.train.checkpoint import (
     export_hf,
     latest_checkpoint,
     load_checkpoint,
+    run_lock,
     save_checkpoint,
 )
 from steelworks.train.config import TrainConfig
@@ -137,6 +139,12 @@ def _resume_point(ckpt_dir: Path, job: dict[str, Any]) -> Path | None:
 
 
 def train_loop(job: dict[str, Any]) -> dict[str, Any]:
+    """Train as ``job`` says (see the module docstring); returns the final metrics."""
+    with contextlib.ExitStack() as stack:  # holds rank 0's run_lock until the loop ends
+        return _train_loop(job, stack)
+
+
+def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, Any]:
     from steelworks.data.tokenizer import load_tokenizer
     from steelworks.train.models import (
         attention_implementation,
@@ -191,6 +199,8 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
 
     ckpt_dir = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
+    if rank == 0:  # before reading the resume point: a dying earlier run may still write
+        stack.enter_context(run_lock(ckpt_dir))
     step = 0
     resume = _resume_point(ckpt_dir, job)
     if resume is not None:
