@@ -85,7 +85,7 @@ def predict_on_ray(model_dir: str | Path, items: Sequence[Item], subjects: Seque
                                "subjects": list(subjects), "shots": dict(shots or {}),
                                "device": device},
         batch_size=block,
-        concurrency=cfg.replicas,  # a fixed pool of this many actors
+        compute=ray.data.ActorPoolStrategy(size=cfg.replicas),  # a fixed pool of actors
         num_cpus=cfg.cpus_per_replica,
         num_gpus=cfg.gpus_per_replica or None,
     ).take_all()
