@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (Python 3.11 + pip, package registry only):
 #   make demo   create .venv if missing, install, run the whole pipeline on the demo default
 #   make test   install the dev extras if missing, run the test suite
+#   make test-faults   the fault-injection tests (killed workers, drivers, replicas); CI runs both
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ BIN    := $(VENV)/bin
 TORCH_WHEEL := $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl)
 TORCH_SRC   := $(if $(TORCH_WHEEL),--find-links /opt/wheels,--index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: demo test lint clean bench-data
+.PHONY: demo test test-faults lint clean bench-data
 .DEFAULT_GOAL := demo
 
 $(BIN)/python:
@@ -31,7 +32,12 @@ demo: $(VENV)/.base
 	$(BIN)/steelworks demo
 
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not faults"
+
+# Slow on purpose: each test kills something (a Ray Data worker, a train worker, the driver,
+# a Serve replica) and waits for the platform to recover.
+test-faults: $(VENV)/.dev
+	$(BIN)/python -m pytest -q -m faults
 
 $(VENV)/.bench: pyproject.toml $(VENV)/.base
 	$(BIN)/pip install -q -e '.[bench]'

@@ -34,6 +34,8 @@ from urllib.parse import urlparse
 import yaml
 
 AUTH_MODE_VAR = "RAY_AUTH_MODE"
+FAKE_CLUSTER_VAR = "RAY_FAKE_CLUSTER"
+FAKE_PROVIDER = "fake_multinode"  # the autoscaler provider `cluster up --autoscaling` runs
 DEFAULT_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_RUNS_DIR = "runs"  # PipelineConfig.runs_dir's default
@@ -75,8 +77,9 @@ def _ray_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "ray.scripts.scripts", *args]
 
 
-def _head_env() -> dict[str, str]:
-    """Env for ``ray start --head``: auth on, and this interpreter's bin dir first on PATH.
+def _head_env(fake_cluster: bool = False) -> dict[str, str]:
+    """Env for ``ray start --head``: auth on, and this interpreter's bin dir first on PATH
+    (plus ``RAY_FAKE_CLUSTER=1`` for a local autoscaling cluster, see :func:`cluster_up`).
 
     Ray runs a job's entrypoint through ``/bin/sh`` with the head's PATH, so ``python`` in
     ``ray job submit -- python -m steelworks`` is whichever python that PATH finds first.
@@ -86,6 +89,10 @@ def _head_env() -> dict[str, str]:
     env = auth_env()
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")]).rstrip(os.pathsep)
+    if fake_cluster:
+        # Ray's fake_multinode provider refuses to run without it; `ray start` also gives
+        # the head the fixed node id the provider expects for it.
+        env[FAKE_CLUSTER_VAR] = "1"
     return env
 
 
@@ -175,29 +182,116 @@ def ensure_token() -> None:
         raise ClusterError(f"could not create a Ray auth token: {proc.stderr.strip()}")
 
 
+def load_autoscaling_config(path: str | Path) -> dict[str, Any]:
+    """Read a local autoscaling config (``fake_multinode`` provider) and check what
+    :func:`cluster_up` relies on, with errors that say what to fix."""
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ClusterError(f"cannot read autoscaling config {path}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ClusterError(f"{path}: expected a mapping (a Ray autoscaler config)")
+    kind = (cfg.get("provider") or {}).get("type")
+    if kind != FAKE_PROVIDER:
+        raise ClusterError(
+            f"{path}: provider.type is {kind!r}; `cluster up --autoscaling` runs Ray's "
+            f"{FAKE_PROVIDER!r} provider on this machine (see cluster-local.yaml). "
+            "Cloud configs such as cluster.yaml are started with `ray up FILE`.")
+    head = cfg.get("head_node_type")
+    types = cfg.get("available_node_types") or {}
+    if head not in types:
+        raise ClusterError(f"{path}: head_node_type {head!r} is not one of "
+                           f"available_node_types ({', '.join(types) or 'none'})")
+    if "CPU" not in (types[head].get("resources") or {}):
+        raise ClusterError(f"{path}: available_node_types.{head}.resources needs CPU: the "
+                           "head is started with exactly those resources")
+    return cfg
+
+
+def head_resource_args(resources: Mapping[str, Any]) -> list[str]:
+    """``ray start`` flags that give the head exactly ``resources`` (its node type's in the
+    autoscaling config).  The autoscaler cannot resize the head, and it plans with the
+    config's numbers, so the two must agree: we derive one from the other."""
+    res = dict(resources)
+    args = [f"--num-cpus={int(res.pop('CPU'))}"]
+    if "GPU" in res:
+        args.append(f"--num-gpus={int(res.pop('GPU'))}")
+    if "object_store_memory" in res:
+        args.append(f"--object-store-memory={int(res.pop('object_store_memory'))}")
+    if "memory" in res:
+        args.append(f"--memory={int(res.pop('memory'))}")
+    if res:  # custom resources
+        args.append(f"--resources={json.dumps(res, sort_keys=True)}")
+    return args
+
+
+def resolve_autoscaling_config(cfg: Mapping[str, Any], port: int, node_ip: str) -> dict[str, Any]:
+    """A copy of ``cfg`` for a head whose GCS listens on ``port``: the fake provider starts
+    its nodes against ``provider.gcs_address`` and defaults to port 6379 whatever port the
+    head uses, so we fill it in (unless the config sets it)."""
+    out = json.loads(json.dumps(dict(cfg)))  # deep copy of plain YAML data
+    out["provider"].setdefault("gcs_address", f"{node_ip}:{port}")
+    return out
+
+
 def start_head_command(num_cpus: int | None, port: int = DEFAULT_PORT,
                        dashboard_port: int = DEFAULT_DASHBOARD_PORT,
                        temp_dir: str | None = None,
-                       extra_args: Sequence[str] = ()) -> list[str]:
-    """The ``ray start --head`` command line that :func:`cluster_up` runs."""
-    n = num_cpus or max(4, os.cpu_count() or 1)  # overcommitted on purpose, see connect()
-    cmd = _ray_cli("start", "--head", f"--port={port}", f"--num-cpus={n}",
+                       extra_args: Sequence[str] = (),
+                       autoscaling_config: str | None = None,
+                       head_resources: Mapping[str, Any] | None = None) -> list[str]:
+    """The ``ray start --head`` command line that :func:`cluster_up` runs.
+
+    With ``autoscaling_config`` (a resolved config file) the head runs Ray's autoscaler on
+    it, and ``head_resources`` (its head node type's) replace ``--num-cpus``.
+    """
+    if head_resources is not None:
+        res_args = head_resource_args(head_resources)
+    else:
+        n = num_cpus or max(4, os.cpu_count() or 1)  # overcommitted on purpose, see connect()
+        res_args = [f"--num-cpus={n}"]
+    cmd = _ray_cli("start", "--head", f"--port={port}", *res_args,
                    # The dashboard also serves the job API, which runs arbitrary code:
                    # loopback only (reach a remote head through `ray dashboard` / SSH).
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}")
     if temp_dir:
         cmd.append(f"--temp-dir={temp_dir}")
+    if autoscaling_config:
+        cmd.append(f"--autoscaling-config={autoscaling_config}")
     return cmd + list(extra_args)
+
+
+def _write_autoscaling_config(path: str, port: int, temp_dir: str | None) -> tuple[str, dict]:
+    """Load ``path``, resolve it for ``port`` and write it where the head's autoscaler reads
+    it for the cluster's lifetime (Ray's temp dir); return (written path, config)."""
+    from ray._private.services import get_node_ip_address
+
+    cfg = load_autoscaling_config(path)
+    # The IP the fake provider itself would use for the GCS (its default, with our port).
+    resolved = resolve_autoscaling_config(cfg, port, get_node_ip_address())
+    root = Path(temp_dir or "/tmp/ray")  # Ray's default temp dir
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"steelworks-autoscaling-{port}.yaml"
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    tmp.replace(out)
+    return str(out), resolved
 
 
 def cluster_up(num_cpus: int | None, port: int = DEFAULT_PORT,
                dashboard_port: int = DEFAULT_DASHBOARD_PORT, temp_dir: str | None = None,
-               extra_args: Sequence[str] = ()) -> None:
+               extra_args: Sequence[str] = (), autoscaling: str | None = None) -> None:
     """Start a token-protected Ray head on this machine and print how to use it.
 
     The head runs with this interpreter and its bin dir first on PATH, so jobs submitted to
-    it import steelworks and its deps.  Raises :class:`ClusterError` if a port is taken
-    (usually: a cluster is already running) or ``ray start`` fails.
+    it import steelworks and its deps.  With ``autoscaling`` (a ``fake_multinode`` autoscaler
+    config such as cluster-local.yaml) the head also runs Ray's autoscaler, which
+    adds "worker nodes" -- extra raylets on this machine -- while tasks wait for resources
+    and removes them when idle (``RAY_FAKE_CLUSTER=1 ray start --head
+    --autoscaling-config=...``; ``ray up`` cannot start that provider in the Ray 2.60 wheel).
+    Raises :class:`ClusterError` if a port is taken (usually: a cluster is already running),
+    the config is not usable, or ``ray start`` fails.
     """
     for what, p in (("GCS port", port), ("dashboard port", dashboard_port)):
         if _port_in_use(p):
@@ -206,15 +300,33 @@ def cluster_up(num_cpus: int | None, port: int = DEFAULT_PORT,
                 f"(`steelworks cluster status --port {port}`; stop it with `steelworks cluster "
                 "down`), or choose other ports with --port / --dashboard-port"
             )
+    config_path, head_resources, cfg = None, None, None
+    if autoscaling:
+        config_path, cfg = _write_autoscaling_config(autoscaling, port, temp_dir)
+        head_resources = cfg["available_node_types"][cfg["head_node_type"]]["resources"]
+        if num_cpus is not None and num_cpus != head_resources["CPU"]:
+            raise ClusterError(
+                f"--num-cpus {num_cpus} disagrees with {autoscaling} (head node type "
+                f"{cfg['head_node_type']!r} has CPU {head_resources['CPU']}); the autoscaler "
+                "plans with the config's numbers: change the config, not the flag")
     ensure_token()
     # A new session: the daemons then belong to no terminal's process group, so a Ctrl-C
     # in the shell that ran `cluster up` can never reach them.
     proc = subprocess.run(start_head_command(num_cpus, port, dashboard_port, temp_dir,
-                                             extra_args),
-                          env=_head_env(), start_new_session=True, stdin=subprocess.DEVNULL)
+                                             extra_args, config_path, head_resources),
+                          env=_head_env(fake_cluster=bool(autoscaling)),
+                          start_new_session=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise ClusterError(f"`ray start --head` failed with exit code {proc.returncode}")
     url = f"http://127.0.0.1:{dashboard_port}"
+    if cfg is not None:
+        workers = {k: v for k, v in cfg["available_node_types"].items()
+                   if k != cfg["head_node_type"]}
+        print(f"\nsteelworks: autoscaling on ({config_path}): up to {cfg['max_workers']} "
+              "worker node(s) of " + ", ".join(
+                  f"{k} {v.get('resources', {})}" for k, v in workers.items())
+              + f", removed after {cfg.get('idle_timeout_minutes', 5)} idle minute(s); "
+              f"watch with `steelworks cluster status --port {port}`.", flush=True)
     print(
         f"\nsteelworks: Ray head is up (GCS 127.0.0.1:{port}, dashboard {url}, token auth on).\n"
         f"  steelworks submit pipeline --config configs/demo.yaml --address {url}\n"
@@ -235,7 +347,9 @@ def _cluster_processes(port: int) -> list[Any]:
     Found from Ray's own command lines (2.60): the head's ``gcs_server`` carries
     ``--gcs_server_port=<port>`` and ``--session-dir=<dir>``; the raylet, dashboard and
     monitors mention that session dir, the Ray client server ``--address=<ip>:<port>``;
-    workers, agents and job drivers are descendants of those.
+    workers, agents and job drivers are descendants of those.  So are the worker nodes of
+    a local autoscaling cluster: the autoscaler (monitor.py) starts their raylets as its
+    children, in the head's session dir.
     """
     import psutil
 
@@ -290,6 +404,15 @@ def _terminate(procs: list[Any], grace_s: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
+def _is_autoscaler(proc: Any) -> bool:
+    """Whether ``proc`` is Ray's autoscaler (``autoscaler/_private/monitor.py``, or v2's)."""
+    try:
+        cmd = " ".join(proc.cmdline())
+    except Exception:  # psutil.NoSuchProcess / AccessDenied
+        return False
+    return "autoscaler" in cmd and "monitor.py" in cmd
+
+
 def cluster_down(port: int = DEFAULT_PORT, all_local: bool = False, grace_s: float = 10.0) -> int:
     """Stop the Ray cluster whose GCS listens on ``port`` here; return an exit code.
 
@@ -304,6 +427,18 @@ def cluster_down(port: int = DEFAULT_PORT, all_local: bool = False, grace_s: flo
     if not procs:
         print(f"steelworks: no Ray cluster with its GCS on port {port} runs on this machine")
         return 0
+    # The autoscaler first, and only then the final list: with `cluster up --autoscaling` it
+    # starts worker nodes itself (raylets + agents, its children, in the same session dir),
+    # and could start one more while we stop the others.  Nodes it started meanwhile are in
+    # the second scan (the GCS still runs, so the session dir is still known).
+    monitors = [p for p in procs if _is_autoscaler(p)]
+    if monitors:
+        _terminate(monitors, grace_s)
+        seen = {p.pid for p in procs}
+        procs = _cluster_processes(port)
+        stopped = len(seen | {p.pid for p in procs})
+    else:
+        stopped = len(procs)
     # The order `ray stop` uses: the raylet first (agents fate-share with it and would log
     # spurious errors if it outlived them), the GCS last (others report to it on exit).
     buckets: list[list[Any]] = [[], [], []]
@@ -315,7 +450,7 @@ def cluster_down(port: int = DEFAULT_PORT, all_local: bool = False, grace_s: flo
         buckets[0 if name == "raylet" else 2 if name == "gcs_server" else 1].append(p)
     for bucket in buckets:
         _terminate(bucket, grace_s)
-    print(f"steelworks: stopped the Ray cluster on port {port} ({len(procs)} processes)")
+    print(f"steelworks: stopped the Ray cluster on port {port} ({stopped} processes)")
     return 0
 
 
@@ -428,7 +563,8 @@ def submit(entrypoint_args: list[str], address: str | None = None, working_dir: 
 def _cmd_cluster(args: argparse.Namespace) -> int:
     try:
         if args.action == "up":
-            cluster_up(args.num_cpus, args.port, args.dashboard_port, args.temp_dir)
+            cluster_up(args.num_cpus, args.port, args.dashboard_port, args.temp_dir,
+                       extra_args=args.ray_arg, autoscaling=args.autoscaling)
             return 0
         if args.action == "down":
             return cluster_down(args.port, all_local=args.all)
@@ -502,6 +638,15 @@ def add_cluster_commands(subparsers: Any) -> None:
                    help="dashboard / job API port, bound to 127.0.0.1 (default %(default)s)")
     p.add_argument("--temp-dir", default=None,
                    help="Ray's temp/session dir for `up` (default /tmp/ray)")
+    p.add_argument("--autoscaling", default=None, metavar="CONFIG",
+                   help="`up`: run Ray's autoscaler with this fake_multinode config (e.g. "
+                   "cluster-local.yaml): worker nodes are started on this machine "
+                   "when tasks wait for resources and removed when idle; the head gets the "
+                   "config's head resources")
+    p.add_argument("--ray-arg", action="append", default=[], metavar="ARG",
+                   help="`up`: pass ARG on to `ray start --head` (repeatable), e.g. "
+                   "--ray-arg=--dashboard-agent-listen-port=52366 when another cluster on this "
+                   "machine holds Ray's default ports (10001, 52365)")
     p.add_argument("--address", default=None,
                    help="GCS address for `status` (default: 127.0.0.1:PORT when --port is "
                    "given, else the cluster `ray start` recorded)")
@@ -533,6 +678,7 @@ def add_cluster_commands(subparsers: Any) -> None:
 __all__ = [
     "ClusterError", "SUBMIT_EXCLUDES", "add_cluster_commands", "auth_env",
     "build_submit_command", "cluster_down", "cluster_status", "cluster_up", "connect",
-    "dashboard_address", "ensure_token", "is_local_address", "run_job", "start_head_command",
+    "dashboard_address", "ensure_token", "head_resource_args", "is_local_address",
+    "load_autoscaling_config", "resolve_autoscaling_config", "run_job", "start_head_command",
     "steelworks_entrypoint", "submit",
 ]
