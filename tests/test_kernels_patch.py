@@ -57,6 +57,30 @@ def test_patched_model_matches_loss_and_gradients(arch):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_patch_touches_only_the_patched_instance(monkeypatch):
+    """Another model of the same class, in the same process, keeps HF's own RoPE (a global
+    patch would put evaluation and serving models on the kernels, or the CPU interpreter)."""
+    import importlib
+
+    from steelworks.kernels import rope
+
+    if not can_run(DEVICE)[0]:
+        pytest.skip(can_run(DEVICE)[1])
+    other, fused = _pair("qwen2")
+    modeling = importlib.import_module(type(other).__module__)
+    hf_rope = modeling.apply_rotary_pos_emb
+    patch_model(fused, ["rope"], DEVICE)
+    assert modeling.apply_rotary_pos_emb is hf_rope
+    calls = []
+    monkeypatch.setattr(rope, "apply_rope", lambda *a: calls.append(1) or rope.apply_rope_reference(*a))
+    ids = torch.randint(2, 300, (1, 7))
+    with torch.no_grad():
+        other(input_ids=ids, use_cache=False)
+        assert calls == []  # the unpatched instance never reached the kernel
+        fused(input_ids=ids, use_cache=False)
+    assert len(calls) == len(fused.model.layers)
+
+
 def test_unknown_kernel_and_unsupported_device_are_explained(caplog, monkeypatch):
     model, _ = _pair("qwen2")
     with pytest.raises(ValueError, match="unknown kernels"):

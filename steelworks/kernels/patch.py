@@ -4,16 +4,16 @@ What each name replaces (``train.kernels``):
 
 - ``rmsnorm``: every ``*RMSNorm`` module's forward, and in each decoder layer the residual add
   before ``post_attention_layernorm`` (add + norm in one kernel pass).
-- ``rope``: the modeling module's ``apply_rotary_pos_emb`` (q and k rotated in one launch).
+- ``rope``: ``apply_rotary_pos_emb`` as each attention module's forward sees it (q and k
+  rotated in one launch).
 - ``swiglu``: each MLP's ``act_fn(gate) * up`` (SiLU recomputed in backward).
 - ``ce``: the LM head + loss. Inside ``loss_targets(model, labels, weights)`` the LM head
   returns ``sum_i w_i * CE_i`` from the fused linear cross-entropy instead of logits, so the
   [tokens x vocab] logits never exist. It runs inside the model's forward on purpose: under
   FSDP2 the LM head's weight is only whole (unsharded) during the root module's forward.
 
-The patch is applied to one model instance; ``rope`` is a module-level function in
-transformers, so it is replaced by a dispatcher that uses the kernel only for tensors on a
-device where kernels were enabled, and HF's own function otherwise. Patching is a no-op
+The patch is applied to one model instance and never to its class or modeling module, so
+other models in the process keep HF's own ops (``_patch_rope`` says how). Patching is a no-op
 with a log line when Triton or the device cannot run the kernels (CPU without
 ``TRITON_INTERPRET=1``).
 """
@@ -34,7 +34,6 @@ log = logging.getLogger("steelworks.kernels")
 
 KERNELS = ("rmsnorm", "rope", "swiglu", "ce")
 SUPPORTED_MODELS = ("qwen2", "llama")
-_ROPE_DEVICES: set[str] = set()  # device types on which the rope dispatcher uses the kernel
 
 
 def patch_model(model: nn.Module, kernels: Sequence[str], device: torch.device | str) -> list[str]:
@@ -98,21 +97,30 @@ def _patch_rmsnorm(model: nn.Module, device: torch.device) -> None:
 
 
 def _patch_rope(model: nn.Module, device: torch.device) -> None:
-    import importlib
+    """Give each attention module of ``model`` its own copy of its ``forward`` whose global
+    ``apply_rotary_pos_emb`` is the kernel.
 
-    from steelworks.kernels.rope import apply_rope
+    transformers calls RoPE as a module-level function, so replacing it in the modeling
+    module would switch every model of that class in the process to the kernel, including
+    models loaded later for evaluation or serving (under the CPU interpreter, 100x slower).
+    The copied function keeps the class's code and every other global; only this
+    instance sees the kernel, and it stays a plain function for torch.compile."""
+    from steelworks.kernels import rope as kernel
 
-    modeling = importlib.import_module(type(model).__module__)
-    original = getattr(modeling, "_steelworks_original_rope", modeling.apply_rotary_pos_emb)
+    def rope(q, k, cos, sin, unsqueeze_dim=1):
+        return kernel.apply_rope(q, k, cos, sin, unsqueeze_dim)
 
-    def dispatch(q, k, cos, sin, unsqueeze_dim=1):
-        if q.device.type in _ROPE_DEVICES:
-            return apply_rope(q, k, cos, sin, unsqueeze_dim)
-        return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-
-    modeling._steelworks_original_rope = original
-    modeling.apply_rotary_pos_emb = dispatch
-    _ROPE_DEVICES.add(device.type)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        forward = type(attn).forward
+        if "apply_rotary_pos_emb" not in forward.__code__.co_names:
+            raise RuntimeError(f"{type(attn).__name__}.forward does not call apply_rotary_pos_emb; "
+                               "this transformers version needs a new rope patch")
+        scope = {**forward.__globals__, "apply_rotary_pos_emb": rope}
+        patched = types.FunctionType(forward.__code__, scope, forward.__name__,
+                                     forward.__defaults__, forward.__closure__)
+        patched.__kwdefaults__ = forward.__kwdefaults__
+        attn.forward = types.MethodType(patched, attn)
 
 
 # ---- SwiGLU -----------------------------------------------------------------------------------
