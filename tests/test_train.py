@@ -98,7 +98,9 @@ def test_loss_falls_and_metrics_are_recorded(straight_run):
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
     # keep_last=2: only the two newest complete checkpoints remain
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000008", "step_00000012"]
+    # keep_last=2 pruned the rest; .lock is the run lock (checkpoint.run_lock)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == \
+        [".lock", "step_00000008", "step_00000012"]
 
 
 def test_stop_and_resume_gives_identical_losses(demo_data, tmp_path):

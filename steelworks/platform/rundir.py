@@ -140,7 +140,8 @@ def list_outputs(directory: Path, under: str = "") -> list[str]:
     return sorted(
         str(p.relative_to(directory))
         for p in base.rglob("*")
-        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
+        # Not outputs: temporaries, and lock files (checkpoint.run_lock: they hold a pid).
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith((".tmp", ".lock"))
     )
 
 
