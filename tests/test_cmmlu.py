@@ -162,6 +162,8 @@ def test_cmmlu_fixture_skips_missing_subjects_with_a_log_line(tmp_path: Path, ca
         (["1", "问题", "a", "b", "c", "d", "a"], "answer 'a' is not one of"),
         (["1", "问题", "a", "b", "c", "d", ""], "empty 'answer'"),  # test split has answers too
         (["1", "问题", "a", "", "c", "d", "A"], "missing option(s) B"),
+        # Options keep their spaces (as lm-eval renders them), but spaces alone are no option.
+        (["1", "问题", "a", " \t", "c", "\u3000", "A"], "missing option(s) B, D"),
         (["1", " ", "a", "b", "c", "d", "A"], "empty 'question'"),
         (["0", "问题", "a", "b", "c", "d", "A"], "duplicate id '0'"),
         (["", "问题", "a", "b", "c", "d", "A"], "empty 'id'"),

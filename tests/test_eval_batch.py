@@ -80,6 +80,41 @@ def test_generative_mode_counts_and_reports_unparseable(shaken, ceval_dir: Path,
     assert f"{unparseable['unparseable']} of 5 replies had no readable answer" in markdown
 
 
+def test_eval_command_scores_in_process_without_ray(shaken, shaken_model_dir: Path,
+                                                    ceval_dir: Path, tmp_path: Path,  # noqa: F811
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`steelworks eval` with one replica and no cluster attached never starts Ray, and its
+    report holds the predictions of the in-process runner."""
+    from steelworks.platform import cli, pipeline
+    from steelworks.platform.config import load
+    from steelworks.platform.settings import PipelineConfig
+
+    for var in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_ray(cfg: PipelineConfig) -> None:
+        raise AssertionError("Ray was started for a one-replica eval")
+
+    monkeypatch.setattr(cli, "_connect", no_ray)
+    sets = [f"eval.benchmark={ceval_dir}", "eval.split=val", "eval.num_shots=1",
+            "eval.chat=false", f"runs_dir={tmp_path / 'runs'}", "run=adhoc"]
+    argv = ["eval", "--model", str(shaken_model_dir)] + [a for kv in sets for a in ("--set", kv)]
+    assert cli.main(argv) == 0
+    (report,) = (tmp_path / "runs" / "adhoc").glob("eval-*/report.json")
+    got = json.loads(report.read_text("utf-8"))["predictions"]
+    cfg = load(PipelineConfig, None, sets)
+    _, expected = evaluate(*shaken, ceval_dir, cfg.eval)
+    assert len(expected) == 5
+    _same(got, expected)
+
+    # Ray is used when it adds something: more replicas, or a cluster to place them on.
+    assert not pipeline.eval_uses_ray(cfg)
+    assert pipeline.eval_uses_ray(load(PipelineConfig, None, sets + ["eval.replicas=2"]))
+    assert pipeline.eval_uses_ray(load(PipelineConfig, None, sets + ["ray.address=h:6379"]))
+    monkeypatch.setenv("RAY_ADDRESS", "h:6379")
+    assert pipeline.eval_uses_ray(cfg)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("mode", "sampling", "eval.mode must be 'loglik' or 'generative'"),
     ("replicas", 0, "eval.replicas must be >= 1"),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from steelworks.evals import scoring
 from steelworks.evals.benchmarks import (
     CEVAL_HARD_SUBJECTS,
     BenchmarkFormatError,
@@ -20,8 +21,8 @@ from steelworks.evals.benchmarks import (
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.prompts import build_prompt, chat_prompt, format_question
 from steelworks.evals.report import aggregate, write_report
-from steelworks.evals.runner import evaluate_model_dir
-from steelworks.evals.scoring import predict, score_continuations, select_shots
+from steelworks.evals.runner import evaluate_model_dir, load_items
+from steelworks.evals.scoring import build_requests, predict, score_continuations, select_shots
 
 HEADER = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
 MAPPING = {
@@ -240,6 +241,43 @@ def test_over_long_context_is_left_truncated(tiny) -> None:
     finally:
         model.config.max_position_embeddings = original
     assert got == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("scoring_mode", ["letter", "option_text"])
+def test_shared_prefix_scores_as_whole_inputs(tiny, ceval_dir: Path, scoring_mode: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Contexts grouped by subject run their common prefix (chat template start, header, the
+    shot) once and reuse its cache; the scores equal those of every input run whole, also
+    for inputs of a group that were left-truncated (they run whole)."""
+    model, tok = tiny
+    cfg = EvalConfig(split="val", num_shots=1, chat=True, scoring=scoring_mode, batch_size=2)
+    subjects, items, shots = load_items(ceval_dir, cfg)
+    contexts, conts = build_requests(tok, items, subjects, cfg, shots)
+    groups = [it.subject for it in items]
+    suffix_batches = []
+    real = scoring._suffix_batch
+    monkeypatch.setattr(scoring, "_suffix_batch",
+                        lambda *a: suffix_batches.append(len(a[2])) or real(*a))
+    whole = score_continuations(model, tok, contexts, conts, 2)
+    assert not suffix_batches  # no groups: nothing shared
+    grouped = score_continuations(model, tok, contexts, conts, 2, groups=groups)
+    assert suffix_batches and sum(suffix_batches) >= len(items)  # not vacuous: prefixes used
+    assert grouped == [pytest.approx(row, abs=1e-4) for row in whole]
+    # One context alone: its four inputs share the whole context (all of it in option_text
+    # mode, where each option is a multi-token continuation scored from the context's end).
+    one = score_continuations(model, tok, contexts[:1], conts[:1], 2, groups=groups[:1])
+    assert one == [pytest.approx(whole[0], abs=1e-4)]
+
+    # A window that cuts the longest inputs: those lose their prefix and run whole.
+    lengths = sorted(len(tok.encode(c, add_special_tokens=False)) for c in contexts)
+    original = model.config.max_position_embeddings
+    model.config.max_position_embeddings = lengths[-1] - 1
+    try:
+        whole = score_continuations(model, tok, contexts, conts, 2)
+        grouped = score_continuations(model, tok, contexts, conts, 2, groups=groups)
+    finally:
+        model.config.max_position_embeddings = original
+    assert grouped == [pytest.approx(row, abs=1e-4) for row in whole]
 
 
 def test_letter_predictions_are_argmax_and_option_text_is_normalised(tiny, ceval_dir: Path) -> None:

@@ -201,8 +201,11 @@ def _make_item(
     return Item(
         subject=subject,
         id=item_id,
+        # The question stripped and the options as the file has them, spaces included: what
+        # lm-eval's built-in cmmlu and ceval templates render ("{{Question.strip()}}\nA. {{A}}").
+        # Stripping options too changed 6 of 11,582 held-out CMMLU predictions against lm-eval.
         question=question.strip(),
-        options={letter: options[letter].strip() for letter in LETTERS},
+        options={letter: options[letter] for letter in LETTERS},
         answer=gold,
         explanation=explanation.strip(),
         source=str(source),

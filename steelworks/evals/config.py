@@ -20,7 +20,9 @@ class EvalConfig:
     batch_size: int = 16
     max_items: int | None = None
     # Model replicas, each a Ray Data actor holding one copy of the model (batch.py); the
-    # items are spread over them, so a benchmark uses as many nodes as replicas fit on.
+    # items are spread over them, so a benchmark uses as many nodes as replicas fit on.  One
+    # replica with no cluster attached runs in the calling process instead, without Ray
+    # (platform.pipeline.eval_uses_ray), with cpus_per_replica torch threads as on Ray.
     replicas: int = 1
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0

@@ -1,12 +1,14 @@
 """lm-eval (EleutherAI lm-evaluation-harness) tasks equivalent to our log-likelihood scoring.
 
 lm-eval's own ``cmmlu`` / ``ceval-valid`` tasks read the Hugging Face hub datasets and score
-a different prompt (another header sentence, a space before the answer letter, options not
-stripped), so they are neither offline nor comparable item for item.  This module writes one
-task YAML per subject that points lm-eval at the same local CSV files our loader reads and
-reproduces our prompt (steelworks.evals.prompts) character for character, then runs
-lm-eval's HF backend in-process on an already loaded model.  It backs the parity test
-(tests/test_lmeval_parity.py) and the throughput benchmark (benchmarks/eval_throughput.py).
+a different prompt (another header sentence, a space before the answer letter; the question
+and options themselves are rendered as here), so they are neither offline nor comparable item
+for item.  This module writes one task YAML per subject that points lm-eval at the same local
+CSV files our loader reads and reproduces our prompt (steelworks.evals.prompts) character for
+character, then runs lm-eval's HF backend in-process on an already loaded model (``run_lmeval`` runs the same
+tasks with any lm-eval model, e.g. ``local-completions`` against our server).  It backs the
+parity tests (tests/test_lmeval_parity.py, tests/test_completions_contract.py) and the
+throughput benchmark (benchmarks/eval_throughput.py).
 Written against lm-eval 0.4.13 (with datasets 5.2, pandas 3.1).
 
 Task fields (per subject; ``{Q}`` is ``Question`` for CMMLU and ``question`` for C-Eval):
@@ -15,10 +17,10 @@ Task fields (per subject; ``{Q}`` is ``Question`` for CMMLU and ``question`` for
   converters: {<column>: str, ...}, na_filter: false, keep_default_na: false}`` (the ``dev``
   file only with shots).  The converters (``!function builtins.str`` per column) keep every
   cell the exact string in the file: untyped, pandas turns CMMLU's college_actuarial_science
-  options into floats (``.strip()`` then fails, and ``0.50`` would print as ``0.5``), and an
-  option reading ``None`` or ``NA`` into NaN.  C-Eval adds ``usecols`` (id, question, A-D,
-  answer): its official splits differ in columns (val lacks explanation, test the answer)
-  and ``datasets`` wants one schema for all splits of a dataset.  For that reason C-Eval's
+  options into floats (``0.50`` would print as ``0.5``), and an option reading ``None`` or
+  ``NA`` into NaN.  C-Eval adds ``usecols`` (id, question, A-D, answer): its official splits
+  differ in columns (val lacks explanation, test the answer) and ``datasets`` wants one
+  schema for all splits of a dataset.  For that reason C-Eval's
   unanswered test split is supported 0-shot only (its dev shots need the answer column).
 - ``test_split: <split>``; with shots, ``fewshot_split: dev`` and
   ``fewshot_config: {sampler: first_n}`` (the fixed dev shots, in file order).  When the
@@ -28,9 +30,9 @@ Task fields (per subject; ``{Q}`` is ``Question`` for CMMLU and ``question`` for
 - ``output_type: multiple_choice``, ``doc_to_choice: [A, B, C, D]``, ``doc_to_target:
   "{{['A', 'B', 'C', 'D'].index(Answer.strip())}}"`` (0 on C-Eval's test split, which has no
   answers: only the log-likelihoods are read).
-- ``doc_to_text: "{{Q.strip()}}\\nA. {{A.strip()}}\\n...D. {{D.strip()}}\\n答案："``: our loader
-  strips the question and each option.  Upstream's cmmlu template strips only the question,
-  which alone would change 13 CMMLU dev items' prompts (24 options end in a space).
+- ``doc_to_text: "{{Q.strip()}}\\nA. {{A}}\\n...D. {{D}}\\n答案："``: upstream's cmmlu and
+  ceval-valid template, character for character.  Our loader strips the question and keeps
+  each option as the CSV has it (24 CMMLU dev options end in a space), as upstream does.
 - ``description``: our header ``以下是中国关于{subject_zh}考试的单项选择题，请选出其中的正确答案。\\n\\n``.
 - ``target_delimiter: ""`` (lm-eval's default, which upstream cmmlu keeps, is a space; our
   letter follows "答案：" directly) and ``fewshot_delimiter: "\\n\\n"``, so a k-shot context
@@ -61,6 +63,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,8 +120,9 @@ def _yaml_str(text: str) -> str:
 def _task_yaml(name: str, layout: str, subject_zh: str, data_files: dict[str, Path],
                split: str, num_shots: int, cache_dir: Path | None) -> str:
     cols = _COLUMNS[layout]
+    # Upstream's cmmlu/ceval doc_to_text verbatim: the question stripped, the options not.
     text = "{{" + cols["question"] + ".strip()}}\n"
-    text += "".join(f"{letter}. {{{{{letter}.strip()}}}}\n" for letter in LETTERS) + ANSWER_CUE
+    text += "".join(f"{letter}. {{{{{letter}}}}}\n" for letter in LETTERS) + ANSWER_CUE
     # Upstream's target template plus the strip our loader applies.  Kept this short on
     # purpose: lm-eval compiles a template afresh on every call (several per item), so a
     # longer expression would bill lm-eval for our choice of template in the benchmark.
@@ -162,11 +166,18 @@ def _task_yaml(name: str, layout: str, subject_zh: str, data_files: dict[str, Pa
 
 
 def _write_tasks(benchmark_dir: str | Path, out_dir: str | Path, split: str, num_shots: int,
-                 cache_dir: str | Path | None) -> list[_Task]:
+                 cache_dir: str | Path | None, subjects: Sequence[str] | None = None
+                 ) -> list[_Task]:
     if num_shots < 0:
         raise ValueError("num_shots must be >= 0")
     benchmark_dir, out_dir = Path(benchmark_dir), Path(out_dir)
     layout, files = _csv_files(benchmark_dir, split)
+    if subjects is not None:  # a subset, kept in the benchmark's subject order
+        unknown = sorted(set(subjects) - set(files))
+        if unknown:
+            raise ValueError(f"{benchmark_dir}: no {split!r} CSV for subjects {unknown}; "
+                             f"have: {', '.join(files)}")
+        files = {k: v for k, v in files.items() if k in set(subjects)}
     shots: dict[str, tuple[str, Path]] = {}
     if num_shots > 0 and layout == "ceval" and split == "test":
         # One `datasets` CSV config needs one schema, and the answers exist only in dev.
@@ -192,14 +203,16 @@ def _write_tasks(benchmark_dir: str | Path, out_dir: str | Path, split: str, num
 
 
 def write_lmeval_tasks(benchmark_dir: str | Path, out_dir: str | Path, split: str = "dev",
-                       num_shots: int = 0, *, cache_dir: str | Path | None = None) -> list[str]:
+                       num_shots: int = 0, *, cache_dir: str | Path | None = None,
+                       subjects: Sequence[str] | None = None) -> list[str]:
     """Write one lm-eval task YAML per subject of ``benchmark_dir`` (C-Eval or CMMLU layout)
     that has a ``split`` CSV into ``out_dir``; returns the task names, in subject order.
 
     Load them with ``TaskManager(include_path=out_dir)``; the module docstring lists the
     fields and why each is set.  ``cache_dir`` is where ``datasets`` keeps the Arrow copies
     of the CSVs (default: its own cache, ``HF_DATASETS_CACHE``)."""
-    return [t.name for t in _write_tasks(benchmark_dir, out_dir, split, num_shots, cache_dir)]
+    return [t.name for t in _write_tasks(benchmark_dir, out_dir, split, num_shots, cache_dir,
+                                         subjects)]
 
 
 def _import_lm_eval() -> tuple[Any, Any, Any]:
@@ -223,6 +236,7 @@ def lmeval_predictions(
     limit: int | None = None,
     *,
     cache_dir: str | Path | None = None,
+    subjects: Sequence[str] | None = None,
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """lm-eval's per-item predictions on ``benchmark_dir``, with ``model`` already loaded.
 
@@ -238,13 +252,32 @@ def lmeval_predictions(
     caller set those variables already.  Note that ``simple_evaluate`` reseeds Python's,
     NumPy's and torch's global generators, as it always does.
     """
+    _, HFLM, _ = _import_lm_eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False)
+    return run_lmeval(lm, benchmark_dir, split, num_shots, limit, cache_dir=cache_dir,
+                      subjects=subjects)
+
+
+def run_lmeval(
+    lm: Any,
+    benchmark_dir: str | Path,
+    split: str = "dev",
+    num_shots: int = 0,
+    limit: int | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    subjects: Sequence[str] | None = None,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """``lmeval_predictions`` for any lm-eval model object ``lm`` (an ``lm_eval.api.model.LM``):
+    e.g. ``LocalCompletionsAPI`` pointed at a served endpoint, which must then give the HF
+    backend's predictions (tests/test_completions_contract.py).  ``subjects`` (names as in
+    ``subjects.py``) restricts the run to those subjects."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    lm_eval, _, TaskManager = _import_lm_eval()
     with tempfile.TemporaryDirectory(prefix="steelworks-lmeval-") as tmp:
-        tasks = _write_tasks(benchmark_dir, tmp, split, num_shots, cache_dir)
+        tasks = _write_tasks(benchmark_dir, tmp, split, num_shots, cache_dir, subjects)
         manager = TaskManager(include_path=tmp, include_defaults=False)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False)
         results = lm_eval.simple_evaluate(model=lm, tasks=[t.name for t in tasks],
                                           task_manager=manager, limit=limit, log_samples=True)
     out: dict[tuple[str, str], dict[str, Any]] = {}

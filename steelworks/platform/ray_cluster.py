@@ -115,6 +115,14 @@ def _enable_token_auth_in_process() -> None:
 # ----------------------------------------------------------------------------- connect
 
 
+def cluster_attached(address: str | None = None) -> bool:
+    """Whether ``connect(address)`` would join an existing cluster (an address, ``$RAY_ADDRESS``,
+    or a Ray job's driver) rather than start a private local one.  Read from the environment
+    only, without importing ray, so a caller can decide not to start Ray at all."""
+    return bool(address or os.environ.get("RAY_ADDRESS")
+                or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     """Connect this process to Ray and return a one-line description for the logs.
 
