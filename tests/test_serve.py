@@ -276,14 +276,19 @@ def free_port() -> int:
 
 
 @pytest.mark.ray
-def test_ray_serve_with_openai_client(ray_local, tiny_model_dir):
+@pytest.mark.parametrize("engine, model", [("builtin", "tiny_model_dir"),
+                                           ("vllm", "vllm_model_dir")])
+def test_ray_serve_with_openai_client(ray_local, engine, model, request):
+    """A Ray Serve replica with either engine; with vLLM, its AsyncLLM (and engine-core
+    process) runs inside the replica."""
     from openai import AuthenticationError, OpenAI
 
     from steelworks.serve.deployment import deploy, shutdown
 
     port = free_port()
-    url = deploy(tiny_model_dir, ServeConfig(port=port, api_key=KEY, model_name="steel",
-                                             max_tokens=12))
+    url = deploy(request.getfixturevalue(model),
+                 ServeConfig(port=port, api_key=KEY, model_name="steel", max_tokens=12,
+                             engine=engine))
     try:
         assert url == f"http://127.0.0.1:{port}"
         client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +105,8 @@ def predict_http(
                       limits=limits) as client:
         max_len = _max_model_len(client, model)
         requests, index = _tokenize(tokenizer, items, contexts, continuations, max_len)
-        sums = _score_all(client, requests, model, concurrency, max_retries, progress)
+        sums = _score_all(lambda req: _score_one(client, req, model, max_retries), requests,
+                          concurrency, progress, "scoring (http)")
     raw = [[sums[k] for k in row] for row in index]
     return to_records(items, continuations, raw, cfg)
 
@@ -229,16 +230,16 @@ def _retry_after(response: httpx.Response, attempt: int) -> float:
         return min(0.5 * 2**attempt, 8.0)
 
 
-def _score_all(client: httpx.Client, requests: Sequence[_Request], model: str | None,
-               concurrency: int, max_retries: int, progress: bool) -> list[float]:
-    """Score every request with ``concurrency`` in flight; the first failure cancels the rest."""
+def _score_all(score_one: Callable[[_Request], float], requests: Sequence[_Request],
+               concurrency: int, progress: bool, desc: str) -> list[float]:
+    """``score_one`` of every request with ``concurrency`` in flight; the first failure
+    cancels the rest. Shared with engine_backend, which scores through an engine instead."""
     out: list[float] = [0.0] * len(requests)
-    bar = tqdm(total=len(requests), desc="scoring (http)", unit="req", disable=not progress)
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="eval-http")
+    bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress)
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="eval-score")
     try:
         futures: dict[Future[float], int] = {
-            pool.submit(_score_one, client, req, model, max_retries): k
-            for k, req in enumerate(requests)
+            pool.submit(score_one, req): k for k, req in enumerate(requests)
         }
         pending = set(futures)
         while pending:

@@ -60,7 +60,8 @@ def cmd_stage(args) -> int:
     if getattr(args, "action", None) == "compare":
         return cmd_compare(args)
     cfg = _load(args)
-    _connect(cfg)
+    if args.command != "eval" or pipeline.eval_uses_ray(cfg):  # else Ray is not needed at all
+        _connect(cfg)
     if args.command == "eval":
         results = {"eval": pipeline.run_eval(cfg, force=args.force, model_dir=args.model)}
     elif args.command == "data":
@@ -107,7 +108,13 @@ def cmd_serve(args) -> int:
     if exam and "demo" not in cfg.serve.benchmarks:  # POST /v1/evals {"benchmark": "demo"}
         cfg.serve.benchmarks["demo"] = exam
     url = deploy(model, cfg.serve)
-    auth = f" -H 'Authorization: Bearer {cfg.serve.api_key}'" if cfg.serve.api_key else ""
+    # Never the key itself (stdout ends up in terminals, CI logs and screenshots): the
+    # variable it came from, which the shell expands, or a placeholder for a config-file key.
+    auth = ""
+    if cfg.serve.api_key:
+        auth = " -H 'Authorization: Bearer <your key>'"
+    elif cfg.serve.resolve_api_key():
+        auth = f' -H "Authorization: Bearer ${cfg.serve.api_key_env}"'
     print(f"serving {model} as '{cfg.serve.model_name}' at {url}/v1  (Ctrl-C to stop)\n"
           f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
           f"    -d '{{\"model\": \"{cfg.serve.model_name}\", \"messages\": "

@@ -159,9 +159,21 @@ def run_sft(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     return _run_train_stage(cfg, "sft", force)
 
 
-def run_eval(cfg: PipelineConfig, force: bool = False, model_dir: str | None = None) -> dict[str, Any]:
-    from steelworks.evals.batch import evaluate_on_ray
+def eval_uses_ray(cfg: PipelineConfig) -> bool:
+    """Whether the eval stage spreads over Ray Data replicas, or runs in this process.
 
+    Ray only pays when it adds something: more than one replica, or a cluster to place the
+    replica on (a submitted job's driver may sit on a head node without the accelerator).
+    One replica on this machine is the same computation as ``runner.evaluate_model_dir``
+    (both call ``predict_items``), without the seconds Ray spends starting itself, an actor
+    that imports torch again, and Ray Data's planning; and that replica would get
+    ``cpus_per_replica`` torch threads instead of every core."""
+    from steelworks.platform.ray_cluster import cluster_attached
+
+    return cfg.eval.replicas > 1 or cluster_attached(cfg.ray.address)
+
+
+def run_eval(cfg: PipelineConfig, force: bool = False, model_dir: str | None = None) -> dict[str, Any]:
     demo = cfg.eval.benchmark == "demo"  # the demo exam comes from the data stage
     inputs = (["data"] if demo else []) + (["sft"] if model_dir is None else [])
     # An ad-hoc `eval --model DIR` writes eval-<dir>/ so it never overwrites the run's own eval.
@@ -177,9 +189,31 @@ def run_eval(cfg: PipelineConfig, force: bool = False, model_dir: str | None = N
         bench = str(stage.inputs["data"] / data["exam"])
     else:
         bench = cfg.eval.benchmark
-    # Scoring runs on eval.replicas Ray Data actors, so a submitted pipeline spreads the
-    # benchmark over the cluster; the report is written here, by the driver.
-    summary, _ = evaluate_on_ray(model, bench, cfg.eval, stage.dir)
+    if eval_uses_ray(cfg):
+        from steelworks.evals.batch import evaluate_on_ray
+
+        # Scoring runs on eval.replicas Ray Data actors, so a submitted pipeline spreads the
+        # benchmark over the cluster; the report is written here, by the driver.
+        summary, _ = evaluate_on_ray(model, bench, cfg.eval, stage.dir)
+    else:
+        import torch
+
+        from steelworks.evals.runner import evaluate_model_dir
+
+        threads = max(1, int(cfg.eval.cpus_per_replica))
+        log.info("eval: one replica and no Ray cluster attached: scoring in this process "
+                 "(%d torch thread(s): eval.cpus_per_replica)", threads)
+        # The CPUs the replica would have had on Ray, as its actor set them.  Scoring is
+        # GEMM-bound: intra-op threads beyond the cores that are actually free wait on each
+        # other, and on a 2-core machine shared with other work 2 threads ran 4x slower than
+        # 1 (benchmarks/RESULTS.md).  More cores: --set eval.cpus_per_replica=N.
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            summary = evaluate_model_dir(model, bench, cfg.eval, stage.dir,
+                                         device="cuda" if cfg.eval.gpus_per_replica > 0 else "cpu")
+        finally:
+            torch.set_num_threads(before)
     return stage.finish(list_outputs(stage.dir), metrics=summary)
 
 
@@ -210,8 +244,8 @@ def _ask(url: str, cfg, question: str) -> dict[str, str]:
     body = {"model": cfg.model_name, "messages": [{"role": "user", "content": question}],
             "max_tokens": 64, "temperature": 0}
     headers = {"Content-Type": "application/json"}
-    if cfg.api_key:
-        headers["Authorization"] = f"Bearer {cfg.api_key}"
+    if key := cfg.resolve_api_key():  # the config's key, else $STEELWORKS_API_KEY
+        headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(), headers)
     with urllib.request.urlopen(req, timeout=120) as r:
         reply = json.loads(r.read())["choices"][0]["message"]["content"]

@@ -24,6 +24,20 @@ from steelworks.platform.atomic import atomic_write_json, sha256_file, sha256_js
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+# Config keys whose values are secrets: a manifest (and the fingerprint hashed from the same
+# config: a hash of a short key can be brute-forced) shows only that one was set.
+SECRET_KEYS = frozenset({"api_key", "token", "auth_token", "access_token", "password", "secret"})
+REDACTED = "<redacted>"
+
+
+def redact_secrets(obj: Any) -> Any:
+    """``obj`` (nested dicts/lists) with the value of every secret key replaced by REDACTED."""
+    if isinstance(obj, dict):
+        return {k: REDACTED if k in SECRET_KEYS and v not in (None, "") else redact_secrets(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_secrets(v) for v in obj]
+    return obj
 
 
 class StageInputError(RuntimeError):
@@ -52,6 +66,9 @@ class Stage:
     config: dict[str, Any]
     inputs: dict[str, Path] = field(default_factory=dict)  # input stage name -> its directory
     started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.config = redact_secrets(self.config)  # whatever the caller passed: never a key
 
     @classmethod
     def open(

@@ -16,13 +16,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,96 +30,36 @@ from steelworks.serve.config import ServeConfig
 from steelworks.serve.engine import (
     Engine,
     GenerationStream,
+    InvalidTextError,
+    PromptLogprobs,
     PromptTooLongError,
     QueueFullError,
     SamplingParams,
 )
 from steelworks.serve.evals_api import build_eval_router
 from steelworks.serve.metrics import ServeMetrics
+from steelworks.serve.middleware import BodyLimit, RequestMetrics
+from steelworks.serve.protocol import (
+    MAX_PROMPTS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingRequest,
+    split_prompts,
+    validation_error,
+)
 
 logger = logging.getLogger("steelworks.serve")
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status, headers=headers)
-
-
-# --- request bodies -------------------------------------------------------------------------
-# Unknown fields are ignored (clients send many optional ones); fields that would change the
-# response's shape and are not implemented (n > 1; logprobs on chat) are rejected instead.
-
-StopText = Annotated[str, Field(min_length=1)]
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None  # optional, as in vLLM; when given it must name the served model
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default and range
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # vLLM-style extensions
-    repetition_penalty: float = Field(1.0, gt=0)
-    stop: StopText | list[StopText] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
-    ignore_eos: bool = False  # vLLM extension: generate max_tokens even past end-of-text
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    # "developer" is what newer OpenAI clients call the system role.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: Literal[False, None] = None
-    max_completion_tokens: int | None = Field(None, ge=1)  # newer name for max_tokens
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]  # a text, a one-text list, or token ids
-    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only (lm-eval)
-    # Legacy completions logprobs: how many alternatives per position (0: the chosen only).
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False  # prepend the prompt to the text (and its logprobs)
-
-
-
 # --- helpers ---------------------------------------------------------------------------------
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    return APIError(400, f"{param or 'body'}: {err.get('msg', 'invalid value')}", param=param,
-                    code="invalid_value")
-
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# How often a generation that yields no text checks whether its client is still there.
+DISCONNECT_POLL_S = 0.5
 
 
 async def _deltas(stream: GenerationStream, request: Request) -> AsyncIterator[str]:
@@ -131,6 +71,7 @@ async def _deltas(stream: GenerationStream, request: Request) -> AsyncIterator[s
     ready = asyncio.Event()
     stream.set_listener(lambda: loop.call_soon_threadsafe(ready.set))
     started, first = time.perf_counter(), None
+    checked = time.monotonic()
     try:
         while True:
             ready.clear()
@@ -139,12 +80,20 @@ async def _deltas(stream: GenerationStream, request: Request) -> AsyncIterator[s
                 if first is None:
                     first = time.perf_counter() - started
                 yield delta
-                if await request.is_disconnected():
-                    return
             if stream.done:
                 return
+            # After each delta, and every DISCONNECT_POLL_S while tokens bring no text (special
+            # tokens, held-back characters): a non-streaming request has nothing else that
+            # would notice its client leave, and would keep its batch row to max_tokens.
+            if delta or time.monotonic() - checked >= DISCONNECT_POLL_S:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return
             if not delta:
-                await ready.wait()
+                try:
+                    await asyncio.wait_for(ready.wait(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:  # builtin TimeoutError only from 3.11
+                    pass
     finally:
         stream.set_listener(None)
         stream.cancel()
@@ -155,6 +104,44 @@ async def _deltas(stream: GenerationStream, request: Request) -> AsyncIterator[s
         logger.info("generation %s: %d prompt + %d completion tokens",
                     r.finish_reason if r else "cancelled", stream.prompt_tokens,
                     r.completion_tokens if r else -1)
+
+
+async def _merged(streams: list[GenerationStream], request: Request
+                  ) -> AsyncIterator[tuple[int, str | None]]:
+    """The text deltas of several generations as they come: ``(i, delta)`` for
+    ``streams[i]``, then ``(i, None)`` once it has ended. Each stream is read by ``_deltas``
+    in a task of its own, so one prompt's tokens never wait for another's. A generation that
+    ends cancelled (``_deltas`` saw the client go) ends them all, as does leaving this early
+    or failing: every stream is cancelled on the way out, so nothing keeps running for a
+    request that is over."""
+    events: asyncio.Queue[tuple[int, str | Exception | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: GenerationStream) -> None:
+        try:
+            async for delta in _deltas(stream, request):
+                events.put_nowait((i, delta))
+            events.put_nowait((i, None))
+        except Exception as e:  # raised again by the reader below
+            events.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, item = await events.get()
+            if isinstance(item, Exception):
+                raise item
+            yield i, item
+            if item is None:
+                left -= 1
+                r = streams[i].result
+                if r is None or r.finish_reason == "cancelled":
+                    return
+    finally:
+        for stream in streams:
+            stream.cancel()  # a no-op on a finished stream
+        for task in tasks:
+            task.cancel()
 
 
 def _logprobs_body(engine: Engine, ids: list[int], logprobs: list[float | None],
@@ -186,23 +173,16 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``config`` (name, API key, default length)."""
     model_name = config.model_name or engine.name
     created = int(time.time())
-    app = FastAPI(title="steelworks", version="0.1.0")
+    # FastAPI's /docs, /redoc and /openapi.json are public; ours (below) take the API key.
+    app = FastAPI(title="steelworks", version="0.1.0", docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.engine, app.state.config = engine, config
     metrics = app.state.metrics = ServeMetrics(model_name, engine.stats)
+    api_key = config.resolve_api_key()  # config, else $STEELWORKS_API_KEY (config.api_key_env)
+    # Added before RequestMetrics, so it sits inside it: 413s are counted like other answers.
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable) -> Any:
-        started = time.perf_counter()
-        metrics.inflight.inc()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.inflight.dec()
-            route = request.scope.get("route")
-            metrics.observe_request(getattr(route, "path", "unmatched"), status, started)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: the outermost
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -211,9 +191,20 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
             headers = {"Retry-After": "1"}
         return exc.response(headers)
 
+    @app.exception_handler(QueueFullError)
+    async def _busy(_: Request, exc: QueueFullError) -> JSONResponse:
+        # Every path into the engine (generation, prompt logprobs for echo, evals) can find
+        # its queue full; whichever route it surfaces in, the client gets 503 and a retry hint.
+        return APIError(503, f"The server is overloaded: {exc}.", type="server_error",
+                        code="server_busy").response({"Retry-After": "1"})
+
+    @app.exception_handler(InvalidTextError)
+    async def _bad_text(_: Request, exc: InvalidTextError) -> JSONResponse:
+        return APIError(400, str(exc), param=exc.param, code="invalid_value").response()
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()  # OpenAI answers 400 where FastAPI says 422
+        return validation_error(exc).response()  # OpenAI answers 400 where FastAPI says 422
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -225,13 +216,13 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
     async def require_key(request: Request) -> None:
-        if not config.api_key:
+        if not api_key:
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key:
             raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
-        if not secrets.compare_digest(key.strip().encode(), config.api_key.encode()):
+        if not secrets.compare_digest(key.strip().encode(), api_key.encode()):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     def check_model(name: str | None) -> None:
@@ -239,7 +230,7 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
                            f"`{model_name}`.", param="model", code="model_not_found")
 
-    def sampling(req: _Sampling, prompt_tokens: int, max_tokens: int | None, param: str
+    def sampling(req: SamplingRequest, prompt_tokens: int, max_tokens: int | None, param: str
                  ) -> SamplingParams:
         if max_tokens is None:  # the default shrinks to fit; an explicit value must fit as asked
             max_tokens = min(config.max_tokens, engine.max_context - prompt_tokens)
@@ -264,44 +255,55 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
         except ValueError as e:
             raise APIError(400, str(e), param=param, code="invalid_value") from e
         except QueueFullError as e:  # backpressure: the client should retry later
-            raise APIError(503, f"The server is overloaded ({e}); retry later.", type="server_error",
+            raise APIError(503, f"The server is overloaded: {e}.", type="server_error",
                            code="server_busy") from e
 
-    def usage(stream: GenerationStream) -> dict[str, int]:
-        r = stream.result
-        done = r.completion_tokens if r else 0
-        return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": done,
-                "total_tokens": stream.prompt_tokens + done}
+    def usage(streams: list[GenerationStream]) -> dict[str, int]:
+        prompt = sum(s.prompt_tokens for s in streams)
+        done = sum(s.result.completion_tokens for s in streams if s.result)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
-    async def respond(req: _Sampling, request: Request, stream: GenerationStream, kind: str,
-                      choice: Callable[[str, str | None], dict[str, Any]],
-                      first: dict[str, Any] | None = None) -> Any:
-        """The non-streaming body, or an SSE stream of chunks, for one generation."""
+    def finish_reason(stream: GenerationStream) -> str:
+        return stream.result.finish_reason if stream.result else "stop"
+
+    async def respond(req: SamplingRequest, request: Request, streams: list[GenerationStream],
+                      kind: str, choice: Callable[[int, str, str | None], dict[str, Any]],
+                      first: Callable[[int], dict[str, Any]] | None = None) -> Any:
+        """The non-streaming body, or an SSE stream of chunks, for one generation per prompt:
+        choice ``i`` is ``streams[i]``'s, and each streamed chunk carries one choice, tagged
+        with its ``index`` (vLLM's layout for several prompts). ``first(i)``, if given, opens
+        each choice's stream (the chat role; the echoed prompt)."""
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         obj = "chat.completion" if kind == "chat" else "text_completion"
         head = {"id": rid, "created": int(time.time()), "model": model_name}
         if not req.stream:
-            text = "".join([d async for d in _deltas(stream, request)])
-            finish = stream.result.finish_reason if stream.result else "stop"
-            return {**head, "object": obj, "choices": [{"index": 0, **choice(text, finish)}],
-                    "usage": usage(stream)}
+            parts: list[list[str]] = [[] for _ in streams]
+            async for i, delta in _merged(streams, request):
+                if delta is not None:
+                    parts[i].append(delta)
+            choices = [{"index": i, **choice(i, "".join(p), finish_reason(s))}
+                       for i, (p, s) in enumerate(zip(parts, streams, strict=True))]
+            return {**head, "object": obj, "choices": choices, "usage": usage(streams)}
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(body: dict[str, Any]) -> str:
+        def chunk(i: int, body: dict[str, Any]) -> str:
             extra = {"usage": None} if with_usage else {}
-            return _sse({**head, "object": chunk_obj, "choices": [{"index": 0, **body}], **extra})
+            return _sse({**head, "object": chunk_obj, "choices": [{"index": i, **body}], **extra})
 
         async def events() -> AsyncIterator[str]:
             try:
                 if first is not None:
-                    yield chunk(first)
-                async for delta in _deltas(stream, request):
-                    yield chunk(choice(delta, None))
-                finish = stream.result.finish_reason if stream.result else "stop"
-                yield chunk(choice("", finish) | ({"delta": {}} if kind == "chat" else {}))
+                    for i in range(len(streams)):
+                        yield chunk(i, first(i))
+                async for i, delta in _merged(streams, request):
+                    if delta is not None:
+                        yield chunk(i, choice(i, delta, None))
+                    else:  # choice i is complete: its finish reason, in a chunk of its own
+                        end = choice(i, "", finish_reason(streams[i]))
+                        yield chunk(i, end | ({"delta": {}} if kind == "chat" else {}))
                 if with_usage:
-                    yield _sse({**head, "object": chunk_obj, "choices": [], "usage": usage(stream)})
+                    yield _sse({**head, "object": chunk_obj, "choices": [], "usage": usage(streams)})
             except Exception as e:  # headers are gone: report in-band, as OpenAI does
                 logger.error("error while streaming", exc_info=e)
                 yield _sse({"error": {"message": f"internal error: {type(e).__name__}",
@@ -313,6 +315,14 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, str]:
+        # Load balancers and Kubernetes probes read the status: a replica whose engine can no
+        # longer serve (scheduler thread dead, engine process gone) must say so. Only the
+        # engine's public check_health is called, so every engine defines its own failure.
+        try:
+            engine.check_health()
+        except Exception as e:
+            raise APIError(503, f"The engine cannot serve: {e}", type="server_error",
+                           code="engine_unhealthy") from e
         return {"status": "ok", "model": model_name}
 
     @app.get("/metrics", dependencies=[Depends(require_key)], include_in_schema=False)
@@ -325,6 +335,28 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @app.get("/chat", include_in_schema=False)
     async def chat_page() -> HTMLResponse:
         return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
+
+    # The schema and its two viewers, behind the key when one is set: the schema lists every
+    # route and field. (With a key, a browser cannot send the header; fetch the schema with
+    # it, e.g. `curl -H "Authorization: Bearer $STEELWORKS_API_KEY" .../openapi.json`.)
+    docs = APIRouter(dependencies=[Depends(require_key)], include_in_schema=False)
+
+    @docs.get("/openapi.json")
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    def schema_url(request: Request) -> str:  # under Ray Serve's route prefix too
+        return request.scope.get("root_path", "").rstrip("/") + "/openapi.json"
+
+    @docs.get("/docs")
+    async def swagger(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=schema_url(request), title="steelworks API")
+
+    @docs.get("/redoc")
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(openapi_url=schema_url(request), title="steelworks API")
+
+    app.include_router(docs)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
@@ -354,63 +386,135 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
         stream = start(prompt_ids, sampling(req, len(prompt_ids), max_tokens, "messages"),
                        "messages")
 
-        def choice(text: str, finish: str | None) -> dict[str, Any]:
+        def choice(_: int, text: str, finish: str | None) -> dict[str, Any]:
             if not req.stream:
                 return {"message": {"role": "assistant", "content": text}, "logprobs": None,
                         "finish_reason": finish}
             return {"delta": {"content": text}, "logprobs": None, "finish_reason": finish}
 
-        first = {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None}
-        return await respond(req, request, stream, "chat", choice, first)
+        def first(_: int) -> dict[str, Any]:
+            return {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}
+
+        return await respond(req, request, [stream], "chat", choice, first)
+
+    def prompt_cap() -> int:
+        """MAX_PROMPTS, or fewer: what the engine can hold at once (see MAX_PROMPTS)."""
+        stats = engine.stats()
+        room = int(stats.get("max_batch_size", 0)) + int(stats.get("max_queue", 0))
+        return min(MAX_PROMPTS, room) if room > 0 else MAX_PROMPTS
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         check_model(req.model)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported", param="prompt")
-            prompt = prompt[0]
-        prompt_ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not prompt_ids:
-            raise APIError(400, "prompt must not be empty", param="prompt")
         if req.logprobs is not None and req.stream:
             raise APIError(400, "logprobs are supported without stream only", param="logprobs")
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
-        prompt_text = engine.tokenizer.decode(prompt_ids) if req.echo else ""
-        prompt_lp = None
-        if req.echo and req.logprobs is not None:
-            try:
-                prompt_lp = await run_in_threadpool(engine.prompt_logprobs, prompt_ids, req.logprobs)
-            except ValueError as e:
-                raise APIError(400, str(e), param="prompt", code="invalid_value") from e
-        if req.max_tokens == 0:  # echo only: score the prompt, generate nothing
-            lp = _logprobs_body(engine, prompt_ids, prompt_lp.token_logprobs, prompt_lp.top_logprobs) \
-                if prompt_lp else None
-            n = len(prompt_ids)
-            return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                    "model": model_name, "choices": [{"index": 0, "text": prompt_text, "logprobs": lp,
-                                                       "finish_reason": "length"}],
-                    "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}}
-        stream = start(prompt_ids, sampling(req, len(prompt_ids), req.max_tokens, "prompt"), "prompt")
+        if req.max_tokens == 0 and req.stream:
+            raise APIError(400, "max_tokens=0 (score the prompt only) is supported without "
+                           "stream only", param="max_tokens")
+        prompts = split_prompts(req.prompt)
+        if len(prompts) > (cap := prompt_cap()):
+            raise APIError(400, f"Too many prompts: {len(prompts)}; this server takes at most "
+                           f"{cap} per request (all of a request's prompts must fit in the "
+                           f"engine together). Send them in smaller batches.", param="prompt",
+                           code="too_many_prompts")
+        several = len(prompts) > 1
 
-        def choice(text: str, finish: str | None) -> dict[str, Any]:
+        def about(i: int, e: APIError) -> APIError:  # with several prompts, name the culprit
+            if several and e.param == "prompt":
+                e.message = f"prompt[{i}]: {e.message}"
+            return e
+
+        all_ids: list[list[int]] = []
+        for i, p in enumerate(prompts):
+            try:
+                ids = engine.encode(p) if isinstance(p, str) else list(p)
+            except ValueError as e:  # text that is not valid Unicode
+                raise about(i, APIError(400, str(e), param="prompt", code="invalid_value")) from e
+            if not ids:
+                raise APIError(400, f"prompt[{i}] is empty" if several else
+                               "prompt must not be empty", param="prompt")
+            # Checked here, before anything is decoded (echo) or started: the engine checks
+            # ids too, but only those it is given, and only when given them.
+            if max(ids) >= engine.vocab_size:
+                raise about(i, APIError(400, f"prompt token ids must lie in [0, "
+                                        f"{engine.vocab_size})", param="prompt",
+                                        code="invalid_value"))
+            all_ids.append(ids)
+        texts = [engine.tokenizer.decode(ids) if req.echo else "" for ids in all_ids]
+
+        # Bad input is refused before any work: the sampling parameters and each prompt's fit
+        # in the context. Then the prompts are scored (echo with logprobs), one model call at a
+        # time, and only then are the generations started, all together: an engine that counts
+        # model calls against its capacity (vLLM's) never needs more than one place per prompt,
+        # so a request within prompt_cap() always finds room on an idle engine. A 400 or 503
+        # on prompt i cancels those already started: nothing of a refused request runs on.
+        params: list[SamplingParams] = []
+        for i, ids in enumerate(all_ids if req.max_tokens != 0 else []):
+            try:
+                params.append(sampling(req, len(ids), req.max_tokens, "prompt"))
+                engine.check_fits(len(ids), params[-1].max_tokens)
+            except PromptTooLongError as e:
+                raise about(i, APIError(400, str(e), param="prompt",
+                                        code="context_length_exceeded")) from e
+            except APIError as e:
+                raise about(i, e) from e
+        prompt_lps: list[PromptLogprobs | None] = [None] * len(all_ids)
+        if req.echo and req.logprobs is not None:
+            for i, ids in enumerate(all_ids):
+                if i and await request.is_disconnected():  # nobody left to answer
+                    raise APIError(499, "client disconnected", code="client_closed")
+                try:  # a QueueFullError here is a 503 by the app's handler
+                    prompt_lps[i] = await run_in_threadpool(engine.prompt_logprobs, ids,
+                                                            req.logprobs)
+                except ValueError as e:
+                    raise about(i, APIError(400, str(e), param="prompt",
+                                            code="invalid_value")) from e
+        streams: list[GenerationStream] = []
+        try:
+            for i, p in enumerate(params):  # none for max_tokens=0
+                try:
+                    streams.append(start(all_ids[i], p, "prompt"))
+                except APIError as e:
+                    raise about(i, e) from e
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+
+        def logprobs(i: int, ids: list[int], lps: list[float | None],
+                     tops: list[dict[int, float] | None]) -> dict[str, Any] | None:
+            if req.logprobs is None:
+                return None
+            plp = prompt_lps[i]
+            if plp is not None:  # echo: the prompt's tokens first
+                ids, lps, tops = all_ids[i] + ids, plp.token_logprobs + lps, plp.top_logprobs + tops
+            return _logprobs_body(engine, ids, lps, tops)
+
+        if req.max_tokens == 0:  # echo only: score the prompts, generate nothing
+            n = sum(len(ids) for ids in all_ids)
+            choices = [{"index": i, "text": texts[i], "logprobs": logprobs(i, [], [], []),
+                        "finish_reason": "length"} for i in range(len(all_ids))]
+            return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                    "created": int(time.time()), "model": model_name, "choices": choices,
+                    "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}}
+
+        def choice(i: int, text: str, finish: str | None) -> dict[str, Any]:
             if req.stream or finish is None:
                 return {"text": text, "logprobs": None, "finish_reason": finish}
-            lp = None
-            if req.logprobs is not None and stream.result is not None:
-                r = stream.result
-                ids, lps, tops = list(r.token_ids), list(r.token_logprobs or []), list(r.top_logprobs or [])
-                if prompt_lp is not None:
-                    ids = prompt_ids + ids
-                    lps = prompt_lp.token_logprobs + lps
-                    tops = prompt_lp.top_logprobs + tops
-                lp = _logprobs_body(engine, ids, lps, tops)
-            return {"text": prompt_text + text, "logprobs": lp, "finish_reason": finish}
+            lp, r = None, streams[i].result
+            if r is not None:
+                lp = logprobs(i, list(r.token_ids), list(r.token_logprobs or []),
+                              list(r.top_logprobs or []))
+            return {"text": texts[i] + text, "logprobs": lp, "finish_reason": finish}
 
-        return await respond(req, request, stream, "completion", choice)
+        def first(i: int) -> dict[str, Any]:  # echo, streamed: the prompt opens its choice
+            return {"text": texts[i], "logprobs": None, "finish_reason": None}
+
+        return await respond(req, request, streams, "completion", choice,
+                             first if req.echo else None)
 
     app.include_router(v1)
     app.include_router(build_eval_router(engine, config, require_key, APIError))

@@ -9,6 +9,7 @@ be methods of the deployment class.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -22,11 +23,10 @@ from steelworks.serve.config import ServeConfig
 @serve.ingress()
 class SteelworksServer:
     def __init__(self, model_dir: str, config: ServeConfig) -> None:
-        from steelworks.serve.engine import Engine
+        from steelworks.serve.loader import load_engine
 
         device = "cuda" if config.num_gpus > 0 else "cpu"
-        self.engine = Engine.from_dir(model_dir, device=device, max_batch_size=config.max_batch_size,
-                                      max_queue=config.max_queue)
+        self.engine = load_engine(model_dir, config, device)  # serve.engine: auto | vllm | builtin
         self.config = config
 
     def __del__(self) -> None:
@@ -35,6 +35,12 @@ class SteelworksServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically (``health_check_period_s``); raising marks the
+        replica unhealthy, and Serve stops it and starts a replacement. A replica whose engine
+        died would otherwise stay in rotation and fail every request."""
+        self.engine.check_health()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self.engine, self.config)
@@ -47,6 +53,10 @@ def deploy(model_dir: str | Path, config: ServeConfig, name: str = "steelworks")
     model_dir = Path(model_dir).resolve()
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory")
+    # Resolve the API key here, on the driver, where the user exported STEELWORKS_API_KEY:
+    # replicas on other nodes do not inherit this shell's environment. It travels in the
+    # pickled constructor arguments (not runtime_env env_vars, which the dashboard shows).
+    config = dataclasses.replace(config, api_key=config.resolve_api_key())
     # Cluster-wide and fixed once started: a second deploy() reuses the running proxy.
     serve.start(http_options={"host": config.host, "port": config.port})
     scaling: dict = {"num_replicas": config.num_replicas}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,13 +24,53 @@ import torch
 from steelworks.data.tokenizer import EOS, load_tokenizer
 from steelworks.serve.scheduler import Finished, QueueFullError, Request, Scheduler
 
-__all__ = ["Engine", "GenerationResult", "GenerationStream", "PromptLogprobs",
-           "PromptTooLongError", "QueueFullError", "SamplingParams"]
+__all__ = ["Engine", "EngineBase", "GenerationResult", "GenerationStream", "InvalidTextError",
+           "PromptLogprobs", "PromptTooLongError", "QueueFullError", "SamplingParams"]
 
 # Top alternatives per token, as OpenAI caps chat's top_logprobs (vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
+# Stop strings per request: vLLM's cap (envs.VLLM_MAX_STOP_STRINGS, default 4), which is also
+# OpenAI's documented "up to 4 sequences".
+MAX_STOP_STRINGS = 4
+# Characters per stop string. vLLM caps only the count; we also cap the length because the
+# stream holds back and re-checks every prefix of every stop string that the tail of the text
+# could begin (_TextAssembler._release), so a long stop string costs per token in the
+# consumer's thread (the event loop, for HTTP). Real stop strings are delimiters ("\n\n",
+# "Question:", "</answer>", a chat end tag), a few to a few dozen characters; 256 leaves ample
+# room and keeps a request's worst case (4 x 256) well under a millisecond per token.
+MAX_STOP_LENGTH = 256
+# Integers an engine may have to hold in a torch.long / msgpack int64 (seed, top_k,
+# max_tokens); vLLM's OpenAI protocol bounds seed the same way (_INT64_MIN/_INT64_MAX).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Below this a temperature means greedy decoding (vLLM's _SAMPLING_EPS): dividing logits by
+# 1e-320 (0 in fp32) would turn them into inf and the distribution into NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# transformers and vLLM accept any repetition penalty > 0, but one that is 0 in fp32 (1e-320)
+# divides by zero and very large ones overflow fp32 logits (together with a small
+# temperature), both NaN distributions. Useful values lie around 1.0-1.5; this range keeps
+# logits finite: |logit| * 100 / 1e-5 stays far below fp32's 3.4e38.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class InvalidTextError(ValueError):
+    """Text that is not valid Unicode: a lone UTF-16 surrogate, which JSON's ``\\ud800``
+    escape can carry but no tokenizer can encode (they raise a TypeError deep inside).
+    ``param`` names the request field, for the HTTP layer's 400."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(text: str, param: str) -> None:
+    if (m := _SURROGATE.search(text)) is not None:
+        raise InvalidTextError(f"{param} is not valid Unicode: a lone surrogate "
+                               f"U+{ord(m.group()):04X} at character {m.start()}", param)
 
 
 class PromptTooLongError(ValueError):
@@ -66,22 +107,33 @@ class SamplingParams:
         def is_num(v: Any) -> bool:
             return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        # Messages start with the field's name: the HTTP layer reports it as the error's param.
+        if not is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT64_MAX:
+            raise ValueError(f"max_tokens must be an integer in [1, 2**63 - 1], got {self.max_tokens!r}")
         if not is_num(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:  # frozen: set through object
+            object.__setattr__(self, "temperature", 0.0)
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(
-                f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}"
-            )
+        if not is_int(self.top_k) or not 0 <= self.top_k <= INT64_MAX:
+            raise ValueError(f"top_k must be an integer in [0, 2**63 - 1] (0 disables it), "
+                             f"got {self.top_k!r}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not is_num(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be a number in [{low}, {high}], "
+                             f"got {self.repetition_penalty!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if self.seed is not None and not is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, "
+                             f"got {len(self.stop)}")
+        if any(len(s) > MAX_STOP_LENGTH for s in self.stop):  # not echoed: it may be huge
+            raise ValueError(f"stop strings must be at most {MAX_STOP_LENGTH} characters long, "
+                             f"got one of {max(len(s) for s in self.stop)}")
+        if self.seed is not None and not (is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**63 - 1] or None, "
+                             f"got {self.seed!r}")
         if self.logprobs is not None and not (is_int(self.logprobs)
                                               and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, "
@@ -159,7 +211,11 @@ class _TextAssembler:
                 self.text, self.stopped = self.text[: min(hits)], True
                 end = len(self.text)
             elif not final:
-                end -= max((k for s in self.stop for k in range(1, len(s))
+                # Only the not-yet-emitted tail can begin a stop string (see above), so the
+                # prefixes to try are bounded by that tail's length, not by the stop string's:
+                # a constant handful per token instead of len(stop) slices.
+                room = len(self.text) - self.emitted
+                end -= max((k for s in self.stop for k in range(1, min(len(s), room + 1))
                             if self.text.endswith(s[:k])), default=0)
         delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
         return delta
@@ -174,7 +230,7 @@ class GenerationStream(Iterator[str]):
     deltas, finish reason "cancelled", and the scheduler frees its batch row before its next
     step."""
 
-    def __init__(self, engine: Engine, request: Request) -> None:
+    def __init__(self, engine: EngineBase, request: Request) -> None:
         self.prompt_tokens = len(request.prompt)
         self.result: GenerationResult | None = None
         self.token_ids: list[int] = []
@@ -264,7 +320,71 @@ class GenerationStream(Iterator[str]):
             req.abort.set()
 
 
-class Engine:
+class EngineBase:
+    """What every engine shares: the tokenizer side of a request (chat template, prompt
+    validation, context check) and the blocking ``generate`` over ``stream``. Subclasses
+    (the built-in ``Engine`` below, ``VLLMEngine`` in vllm_engine.py) own the model and
+    provide ``stream``, ``prompt_logprobs``, ``max_context``, ``vocab_size``, ``stats``,
+    ``check_health`` and ``shutdown``, so the app and evals never know which one runs."""
+
+    def __init__(self, tokenizer: Any, name: str, generation_eos: int | list[int] | None = None
+                 ) -> None:
+        self.tokenizer = tokenizer
+        self.name = name
+        # End of generation: the tokenizer's EOS, our chat end-of-turn token and whatever the
+        # model's generation_config adds.
+        stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOS)}
+        stop.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        self.stop_token_ids = frozenset(
+            t for t in stop if isinstance(t, int) and t != tokenizer.unk_token_id
+        )
+
+    max_context: int  # the model's context window in tokens (a property in subclasses)
+    vocab_size: int
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationStream:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        _check_text(text, "prompt")
+        return list(self.tokenizer.encode(text))
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Render ``[{"role", "content"}, ...]`` with the chat template, assistant turn opened."""
+        if not messages:
+            raise ValueError("messages must hold at least one message")
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] needs a string 'role' and a string 'content'")
+            _check_text(m["content"], "messages")
+        ids = self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=True, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding here, 4.x a plain list.
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.max_context:
+            raise PromptTooLongError(prompt_tokens, max_tokens, self.max_context)
+
+    def _validate(self, prompt_ids: Sequence[int]) -> list[int]:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        vocab = self.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        return prompt
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
+        stream = self.stream(prompt_ids, params)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+
+class Engine(EngineBase):
     """Tokenization, validation and the request API over a continuous-batching scheduler.
 
     ``max_batch_size`` sequences decode together; ``max_queue`` more wait for a slot, and
@@ -274,15 +394,9 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str = "model",
                  max_batch_size: int = 16, max_queue: int = 64) -> None:
         self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name
         self.device = next(model.parameters()).device
-        stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOS)}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        stop.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        self.stop_token_ids = frozenset(
-            t for t in stop if isinstance(t, int) and t != tokenizer.unk_token_id
-        )
+        super().__init__(tokenizer, name, gen_eos)
         self._scheduler = Scheduler(self.model, self.stop_token_ids, max_batch_size, max_queue)
 
     @classmethod
@@ -305,38 +419,13 @@ class Engine:
         return int(self.model.config.max_position_embeddings)
 
     @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
     def max_batch_size(self) -> int:
         """Effective batch size: 1 for models that cannot take a padded batch."""
         return self._scheduler.max_batch_size
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
-
-    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """Render ``[{"role", "content"}, ...]`` with the chat template, assistant turn opened."""
-        if not messages:
-            raise ValueError("messages must hold at least one message")
-        for i, m in enumerate(messages):
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] needs a string 'role' and a string 'content'")
-        ids = self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages], add_generation_prompt=True, tokenize=True
-        )
-        # transformers 5 returns a BatchEncoding here, 4.x a plain list.
-        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
-
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        if prompt_tokens + max_tokens > self.max_context:
-            raise PromptTooLongError(prompt_tokens, max_tokens, self.max_context)
-
-    def _validate(self, prompt_ids: Sequence[int]) -> list[int]:
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        return prompt
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationStream:
         """Validate and queue now (so callers can answer 400, or 503 on ``QueueFullError``,
@@ -346,13 +435,6 @@ class Engine:
         request = Request(prompt, params)
         self._scheduler.submit(request)
         return GenerationStream(self, request)
-
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
-        stream = self.stream(prompt_ids, params)
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
 
     def prompt_logprobs(self, prompt_ids: Sequence[int], top: int = 0) -> PromptLogprobs:
         """Logprob of each prompt token given those before it (OpenAI's ``echo`` with
@@ -383,6 +465,13 @@ class Engine:
         ``prompt_tokens_total``, ``generation_tokens_total``, ``decode_steps_total``,
         ``batch_size_peak``."""
         return self._scheduler.stats()
+
+    def check_health(self) -> None:
+        """Raise ``RuntimeError`` naming the reason when this engine can no longer serve (its
+        scheduler thread died, or it was shut down); return quietly otherwise, also before
+        its first request. ``/health`` and the Ray Serve deployment's health check call this
+        and nothing else, so every engine (this one, the vLLM one) defines its own failure."""
+        self._scheduler.check_health()
 
     def shutdown(self, drain: bool = False, timeout: float | None = None) -> None:
         """Stop the scheduler thread: new requests are refused; queued and running ones are

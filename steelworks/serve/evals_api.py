@@ -1,11 +1,14 @@
 """``/v1/evals``: run a benchmark from the evals package against the served model.
 
-``POST /v1/evals`` with ``{"benchmark": <name>, "split", "num_shots", "scoring", "chat",
-"max_items"}`` scores the model the replica holds (same weights as the chat endpoint, in
-the same process). Benchmarks are an allow-list from ``serve.benchmarks`` (name ->
+``POST /v1/evals`` with ``{"benchmark": <name>, "split", "num_shots", "mode", "scoring",
+"max_new_tokens", "chat", "max_items", "predictions"}`` scores the model the replica serves,
+through its engine's public API (``prompt_logprobs``, ``generate``: evals/engine_backend.py),
+never its weights directly: the engine's scheduler owns them, and a vLLM engine has none in
+this process. Benchmarks are an allow-list from ``serve.benchmarks`` (name ->
 directory in C-Eval layout on the server), so a request can never point the server at an
 arbitrary path. Small runs (at most ``serve.eval_sync_items`` items) answer with the
-report; larger ones answer 202 with a job id to poll at ``GET /v1/evals/{id}``.
+report; larger ones answer 202 with a job id to poll at ``GET /v1/evals/{id}``; the newest
+``serve.eval_keep_jobs`` finished jobs stay available. An engine at capacity answers 503.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from steelworks.evals.config import EvalConfig
 from steelworks.serve.config import ServeConfig
+from steelworks.serve.engine import QueueFullError
 
 log = logging.getLogger("steelworks.serve")
 
@@ -35,20 +39,26 @@ class EvalRequest(BaseModel):
     benchmark: str
     split: Literal["val", "dev", "test"] = "val"
     num_shots: int = Field(0, ge=0, le=5)
-    scoring: Literal["letter", "option_text"] = "letter"
+    mode: Literal["loglik", "generative"] = "loglik"
+    scoring: Literal["letter", "option_text"] = "letter"  # what loglik mode scores
+    max_new_tokens: int = Field(32, ge=1, le=1024)  # generative mode's reply budget
     chat: bool = True
     max_items: int | None = Field(None, ge=1)
+    predictions: bool = False  # also return every item's record (pred, scores or reply)
 
 
 def build_eval_router(engine: Any, config: ServeConfig, require_key: Callable,
                       error: Callable[..., Exception]) -> APIRouter:
-    """The router; ``error(status, message, param=...)`` builds the app's OpenAI-style error."""
+    """The router; ``error(status, message, param=..., type=..., code=...)`` builds the app's
+    OpenAI-style error."""
     from steelworks.evals.benchmarks import load_benchmark
-    from steelworks.evals.runner import evaluate, limit_items
+    from steelworks.evals.engine_backend import evaluate_engine
+    from steelworks.evals.runner import limit_items
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
-    jobs: dict[str, dict[str, Any]] = {}
-    lock = threading.Lock()  # one evaluation at a time per replica: they share the CPU/GPU
+    jobs: dict[str, dict[str, Any]] = {}  # in creation order (dicts keep insertion order)
+    jobs_lock = threading.Lock()  # guards ``jobs``: job threads and requests both touch it
+    lock = threading.Lock()  # one evaluation at a time per replica: they share the engine
 
     def resolve(req: EvalRequest) -> tuple[str, EvalConfig, int]:
         if req.benchmark not in config.benchmarks:
@@ -56,44 +66,67 @@ def build_eval_router(engine: Any, config: ServeConfig, require_key: Callable,
             raise error(400, f"unknown benchmark {req.benchmark!r}; available: {names}", param="benchmark")
         directory = config.benchmarks[req.benchmark]
         cfg = EvalConfig(benchmark=directory, split=req.split, num_shots=req.num_shots,
-                         scoring=req.scoring, chat=req.chat, max_items=req.max_items)
+                         mode=req.mode, scoring=req.scoring, max_new_tokens=req.max_new_tokens,
+                         chat=req.chat, max_items=req.max_items)
         try:
             _, by_subject = load_benchmark(directory, req.split)
         except (FileNotFoundError, ValueError) as e:
             raise error(400, f"benchmark {req.benchmark!r}: {e}", param="split") from e
         return directory, cfg, len(limit_items(by_subject, req.max_items))
 
-    def run(directory: str, cfg: EvalConfig, name: str) -> dict[str, Any]:
+    def run(directory: str, cfg: EvalConfig, req: EvalRequest) -> dict[str, Any]:
+        """Through the engine's public API only (evals/engine_backend.py): the built-in
+        engine runs the scoring on its scheduler thread, the vLLM engine in its process."""
         with lock:
-            summary, _ = evaluate(engine.model, engine.tokenizer, directory, cfg)
-        summary["meta"].update(benchmark=name, model=engine.name, config=dataclasses.asdict(cfg))
-        return summary
+            summary, predictions = evaluate_engine(engine, directory, cfg)
+        summary["meta"].update(benchmark=req.benchmark, model=engine.name,
+                               config=dataclasses.asdict(cfg))
+        return {"report": summary, **({"predictions": predictions} if req.predictions else {})}
+
+    def prune() -> None:
+        """Keep the newest ``serve.eval_keep_jobs`` finished jobs (reports can be large, and
+        a long-lived replica must not grow without bound); running ones always stay."""
+        with jobs_lock:
+            finished = [j for j, job in jobs.items() if job["status"] != "running"]
+            for jid in finished[: max(0, len(finished) - config.eval_keep_jobs)]:
+                del jobs[jid]
 
     @router.post("/evals")
     async def create(req: EvalRequest) -> Any:
         directory, cfg, n = resolve(req)
         if n <= config.eval_sync_items:
-            report = await run_in_threadpool(run, directory, cfg, req.benchmark)
-            return {"id": None, "object": "eval", "status": "completed", "items": n, "report": report}
+            try:
+                out = await run_in_threadpool(run, directory, cfg, req)
+            except QueueFullError as e:  # the engine is saturated: retry later, as for chat
+                raise error(503, f"The server is overloaded: {e}.",
+                            type="server_error", code="server_busy") from e
+            return {"id": None, "object": "eval", "status": "completed", "items": n, **out}
         jid = f"eval-{uuid.uuid4().hex[:12]}"
-        job = jobs[jid] = {"id": jid, "object": "eval", "status": "running", "items": n,
-                           "created": int(time.time()), "report": None, "error": None}
+        job = {"id": jid, "object": "eval", "status": "running", "items": n,
+               "created": int(time.time()), "report": None, "error": None}
+        with jobs_lock:
+            jobs[jid] = job
 
         def work() -> None:
             try:
-                job["report"] = run(directory, cfg, req.benchmark)
+                job.update(run(directory, cfg, req))
                 job["status"] = "completed"
             except Exception as e:  # reported to the poller, not lost in a thread
                 log.exception("eval job %s failed", jid)
                 job["status"], job["error"] = "failed", f"{type(e).__name__}: {e}"
+            prune()
 
         threading.Thread(target=work, name=jid, daemon=True).start()
+        prune()
         return JSONResponse(job, status_code=202)
 
     @router.get("/evals/{jid}")
     async def poll(jid: str) -> dict[str, Any]:
-        if jid not in jobs:
-            raise error(404, f"no eval job {jid!r}", param="id")
-        return jobs[jid]
+        with jobs_lock:
+            job = jobs.get(jid)
+        if job is None:
+            raise error(404, f"no eval job {jid!r} (finished jobs are kept up to "
+                        f"serve.eval_keep_jobs)", param="id")
+        return job
 
     return router

@@ -213,12 +213,14 @@ class Scheduler:
         self._running = 0  # rows in the batch plus rows being prefilled
         self._closing: str | None = None  # None, "drain" or "cancel"
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None  # what ended the thread, if it died
         self._counts = dict.fromkeys(("requests_total", "rejected_total", "prompt_tokens_total",
                                       "generation_tokens_total", "decode_steps_total",
                                       "batch_size_peak"), 0)
         # Scheduler-thread state.
         self._batch = _Batch()
         self._admitted: list[Request] = []
+        self._calls: list[tuple[Callable[[], Any], Future]] = []  # taken from _jobs, to run
 
     # --- called from any thread ---------------------------------------------------------------
 
@@ -262,6 +264,20 @@ class Scheduler:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    def check_health(self) -> None:
+        """Raise ``RuntimeError`` with the reason when this scheduler can no longer serve: its
+        thread died, or it was shut down. A thread not started yet (it starts on first use)
+        is healthy."""
+        with self._cv:
+            error, closing, thread = self._error, self._closing, self._thread
+        if error is not None:
+            raise RuntimeError(f"the engine's scheduler thread died: {error!r}") from error
+        if closing is not None:
+            state = "draining" if closing == "drain" else "stopped"
+            raise RuntimeError(f"the engine is shut down ({state})")
+        if thread is not None and not thread.is_alive():  # only with _closing set; belt and braces
+            raise RuntimeError("the engine's scheduler thread is gone")
+
     def _check_open(self) -> None:
         if self._closing is not None:
             raise RuntimeError("the engine is shut down")
@@ -285,16 +301,19 @@ class Scheduler:
             error = e
         finally:
             with self._cv:
-                self._closing = "cancel"
+                self._closing, self._error = "cancel", error
                 left = [*self._waiting, *self._admitted, *self._batch.rows]
                 jobs, self._waiting, self._jobs = list(self._jobs), deque(), deque()
                 self._batch, self._admitted, self._running = _Batch(), [], 0
             end = Finished("error", error) if error else Finished("cancelled")
             for req in left:
                 req.events.put(end)
-            for _, fut in jobs:
-                if fut.set_running_or_notify_cancel():
-                    fut.set_exception(RuntimeError("the engine is shut down"))
+            # Also the calls of the iteration that died, some possibly already running.
+            for _, fut in [*self._calls, *jobs]:
+                if not fut.done() and (fut.running() or fut.set_running_or_notify_cancel()):
+                    fut.set_exception(RuntimeError("the engine is shut down") if error is None
+                                      else RuntimeError(f"the engine failed: {error!r}"))
+            self._calls = []
 
     def _iteration(self) -> bool:
         """Drop cancelled work, run queued calls, admit and prefill, one decode step."""
@@ -304,7 +323,7 @@ class Scheduler:
             if self._closing == "cancel" or (self._closing and not self._waiting
                                              and not self._jobs and not self._batch.rows):
                 return False
-            jobs, self._jobs = list(self._jobs), deque()
+            self._calls, self._jobs = list(self._jobs), deque()
             dropped = [r for r in self._waiting if r.abort.is_set()]
             self._waiting = deque(r for r in self._waiting if not r.abort.is_set())
             while self._waiting and len(self._batch) + len(self._admitted) < self.max_batch_size:
@@ -312,18 +331,22 @@ class Scheduler:
             self._running = len(self._batch) + len(self._admitted)
         for req in dropped:
             req.events.put(Finished("cancelled"))
-        for fn, fut in jobs:
+        for fn, fut in self._calls:
             if fut.set_running_or_notify_cancel():
                 try:
                     fut.set_result(fn())
                 except Exception as e:
                     fut.set_exception(e)
+        self._calls = []
         self._drop_aborted()
         prompt_tokens = 0
         while self._admitted:
-            req = self._admitted.pop(0)
+            # Popped only once prefilled: if the thread dies inside, _run's cleanup still
+            # finds the request (and ends its stream) instead of leaving its consumer waiting.
+            req = self._admitted[0]
             prompt_tokens += len(req.prompt)
             self._prefill(req)
+            self._admitted.pop(0)
         peak = len(self._batch)
         if self._batch.rows:
             self._decode()
@@ -381,29 +404,58 @@ class Scheduler:
         self._batch = _Batch()
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
-        """Sample one token per row, send it to its request; which rows are finished."""
+        """Sample one token per row, send it to its request; which rows are finished.
+
+        A row whose own sampling fails (NaN/inf probabilities reach ``torch.multinomial``, its
+        generator errs, its consumer's wake-up raises) ends with that error alone and is
+        reported done, so the caller drops it: one bad request must not fail the rows it
+        happens to share a decode step with (they compute what they would alone)."""
         logits = logits.float()
         tokens = logits.argmax(-1)  # one kernel for every plain greedy row
         plain = [r.params.temperature == 0 and r.seen is None for r in rows]
+        failed: dict[int, Exception] = {}
         if not all(plain):
-            tokens = torch.stack([tokens[i] if plain[i]
-                                  else _pick(logits[i], r.params, r.seen, r.generator)
-                                  for i, r in enumerate(rows)])
+            picked = []
+            for i, r in enumerate(rows):
+                if not plain[i]:
+                    try:
+                        picked.append(_pick(logits[i], r.params, r.seen, r.generator))
+                        continue
+                    except Exception as e:
+                        failed[i] = e
+                picked.append(tokens[i])  # greedy, or a placeholder for a failed row
+            tokens = torch.stack(picked)
         logprobs = _logprobs(rows, logits, tokens)
         done = []
         for i, (req, tid) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-            req.generated += 1
-            if req.seen is not None:
-                req.seen[tid] = True
-            req.events.put(TokenEvent(tid, *logprobs.get(i, (None, None))))
-            reason = ("stop" if tid in self.stop_ids and not req.params.ignore_eos
-                      else "length" if req.generated >= req.params.max_tokens else None)
-            if reason is not None:
-                req.events.put(Finished(reason))
-            done.append(reason is not None)
+            reason = None
+            if i not in failed:
+                try:
+                    req.generated += 1
+                    if req.seen is not None:
+                        req.seen[tid] = True
+                    req.events.put(TokenEvent(tid, *logprobs.get(i, (None, None))))
+                    reason = ("stop" if tid in self.stop_ids and not req.params.ignore_eos
+                              else "length" if req.generated >= req.params.max_tokens else None)
+                    if reason is not None:
+                        req.events.put(Finished(reason))
+                except Exception as e:
+                    failed[i] = e
+            if i in failed:
+                self._fail_row(req, failed[i])
+            done.append(reason is not None or i in failed)
         with self._cv:
-            self._counts["generation_tokens_total"] += len(rows)
+            self._counts["generation_tokens_total"] += len(rows) - len(failed)
         return tokens, done
+
+    @staticmethod
+    def _fail_row(req: Request, error: Exception) -> None:
+        log.error("request failed while sampling; the rest of the batch goes on",
+                  exc_info=error)
+        try:
+            req.events.put(Finished("error", error))
+        except Exception:  # queued all the same; only waking its consumer failed
+            log.exception("could not wake the consumer of a failed request")
 
 
 def _logprobs(rows: list[Request], logits: torch.Tensor, tokens: torch.Tensor
@@ -444,6 +496,9 @@ def _pick(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the mass before it already reaches top_p (the top one always stays).
         drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+        # Explicitly: a top_p below fp32's smallest value (5e-324) compares as 0 >= 0 and would
+        # drop every token, leaving a NaN distribution.
+        drop[0] = False
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, -math.inf))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=gen)[0]
