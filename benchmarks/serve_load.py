@@ -82,6 +82,7 @@ def prompts(model_dir: Path, n: int) -> list[str]:
 def _server_main(model_dir: str, engine: str, max_batch: int, port: int, threads: int) -> None:
     import uvicorn
 
+
     from steelworks.serve.app import build_app
     from steelworks.serve.config import ServeConfig
     from steelworks.serve.loader import load_engine
@@ -185,10 +186,13 @@ def load(base: str, concurrency: int, per_client: int, max_tokens: int, pool: li
     asyncio.run(main())
     wall = time.perf_counter() - t0
     itl = [x for r in results for x in r["itl"]]
-    ttft = [r["ttft"] for r in results]
+    # A request whose every token decodes to no text (a random model's special tokens, which
+    # the server skips) has no first-text time: left out of TTFT, counted in "no_text".
+    ttft = [r["ttft"] for r in results if r["ttft"] == r["ttft"]]
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))  # noqa: E731
     tokens = sum(r["tokens"] for r in results)
-    return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens, "wall_s": wall,
+    return {"concurrency": concurrency, "requests": len(results), "no_text": len(results) - len(ttft),
+            "output_tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * q(ttft, 50), "ttft_p99_ms": 1e3 * q(ttft, 99),
             "itl_p50_ms": 1e3 * q(itl, 50), "itl_p99_ms": 1e3 * q(itl, 99)}
 
