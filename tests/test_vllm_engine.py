@@ -123,6 +123,9 @@ def test_openai_client_chat_stream_and_completion_logprobs(api) -> None:
     from openai import OpenAI
 
     kind, url = api
+    import httpx
+
+    assert httpx.get(url + "/health").json() == {"status": "ok", "model": "steel", "engine": kind}
     client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     out = client.chat.completions.create(model="steel", messages=HELLO, temperature=0,
                                          max_tokens=12)

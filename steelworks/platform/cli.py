@@ -115,7 +115,9 @@ def cmd_serve(args) -> int:
         auth = " -H 'Authorization: Bearer <your key>'"
     elif cfg.serve.resolve_api_key():
         auth = f' -H "Authorization: Bearer ${cfg.serve.api_key_env}"'
-    print(f"serving {model} as '{cfg.serve.model_name}' at {url}/v1  (Ctrl-C to stop)\n"
+    engine = _served_engine(url)
+    print(f"serving {model} as '{cfg.serve.model_name}' ({engine} engine) at {url}/v1  "
+          f"(Ctrl-C to stop)\n"
           f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
           f"    -d '{{\"model\": \"{cfg.serve.model_name}\", \"messages\": "
           f"[{{\"role\": \"user\", \"content\": \"你是谁？\"}}]}}'\n"
@@ -128,6 +130,17 @@ def cmd_serve(args) -> int:
 
         shutdown()
     return 0
+
+
+def _served_engine(url: str) -> str:
+    """Which engine the replica chose (serve.engine: auto decides in the replica), from
+    /health, which needs no key."""
+    import httpx
+
+    try:
+        return str(httpx.get(f"{url}/health", timeout=10).json().get("engine", "unknown"))
+    except (httpx.HTTPError, ValueError):
+        return "unknown"
 
 
 def _demo_exam(cfg) -> str | None:

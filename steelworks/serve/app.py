@@ -330,7 +330,7 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
         except Exception as e:
             raise APIError(503, f"The engine cannot serve: {e}", type="server_error",
                            code="engine_unhealthy") from e
-        return {"status": "ok", "model": model_name}
+        return {"status": "ok", "model": model_name, "engine": engine.kind}
 
     @app.get("/metrics", dependencies=[Depends(require_key)], include_in_schema=False)
     async def prometheus() -> Response:

@@ -339,6 +339,7 @@ class EngineBase:
             t for t in stop if isinstance(t, int) and t != tokenizer.unk_token_id
         )
 
+    kind = "builtin"  # serve.engine's name for it; /health reports it
     max_context: int  # the model's context window in tokens (a property in subclasses)
     vocab_size: int
 

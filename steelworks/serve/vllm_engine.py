@@ -81,6 +81,8 @@ def unsupported_reason(config: dict[str, Any], device: str) -> str | None:
 class VLLMEngine(EngineBase):
     """vLLM behind ``Engine``'s API; see the module docstring."""
 
+    kind = "vllm"
+
     def __init__(self, model_dir: str | Path, device: str = "cpu", max_batch_size: int = 16,
                  max_queue: int = 64, kv_cache_gib: int = 1, dtype: str | None = None,
                  name: str | None = None) -> None:
