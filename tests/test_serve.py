@@ -306,3 +306,20 @@ def test_ray_serve_with_openai_client(ray_local, engine, model, request):
             OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     finally:
         shutdown()
+
+
+def test_fast_decode_equals_the_tokenizers_decode(tiny_tokenizer_dir):
+    """The stream decodes with the Rust tokenizer directly (for speed); on any ids, special
+    tokens included, that is the text transformers' decode gives."""
+    import random
+
+    from steelworks.data.tokenizer import load_tokenizer
+    from steelworks.serve.engine import _TextAssembler
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    assembler = _TextAssembler(tok, [])
+    assert assembler._fast is not None  # the fast path is what this test checks
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
+        assert assembler._decode(ids) == tok.decode(ids, skip_special_tokens=True)

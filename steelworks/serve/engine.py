@@ -179,8 +179,17 @@ class _TextAssembler:
         self.text = ""  # decoded text made of complete characters
         self.emitted = 0  # characters of ``text`` already handed out
         self.stopped = False
+        # The Rust tokenizer behind a fast HF tokenizer decodes the same text without the
+        # Python wrapper's argument handling (to_py_obj and friends), which was a third of
+        # the serving process's time at thousands of tokens/s (py-spy; RESULTS.md). Only
+        # when the wrapper would not post-process: no clean_up_tokenization_spaces.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._fast = backend.decode if backend is not None and not getattr(
+            tokenizer, "clean_up_tokenization_spaces", False) else None
 
     def _decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _advance(self, final: bool) -> None:
