@@ -191,3 +191,46 @@ def builtin_vllm_twin(vllm_model_dir):
     engine = Engine.from_dir(vllm_model_dir, max_batch_size=8, max_queue=16)
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mini_ceval_dir(tmp_path_factory) -> Path:
+    """test_evals' tiny C-Eval-layout benchmark (val and dev splits) as a directory, for the
+    servers' /v1/evals."""
+    import json
+
+    from test_evals import DEV, MAPPING, VAL, _write_csv
+
+    root = tmp_path_factory.mktemp("mini_ceval")
+    (root / "subject_mapping.json").write_text(json.dumps(MAPPING, ensure_ascii=False), "utf-8")
+    for split, table in (("val", VAL), ("dev", DEV)):
+        for subject, rows in table.items():
+            _write_csv(root / f"{subject}_{split}.csv", rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(shaken_model_dir):
+    """The shaken tiny model and its tokenizer, loaded once per module: engines under test
+    share them (a fresh init repeats one token and would hide mixed-up rows)."""
+    from steelworks.serve.engine import Engine
+
+    eng = Engine.from_dir(shaken_model_dir)
+    eng.shutdown()  # only its model and tokenizer are shared by the engines under test
+    return eng.model, eng.tokenizer
+
+
+@pytest.fixture
+def make_engine(model_and_tokenizer):
+    """``make(**engine_kwargs)``: built-in engines over the shared model, shut down after."""
+    from steelworks.serve.engine import Engine
+
+    engines = []
+
+    def make(**kw):
+        engines.append(Engine(*model_and_tokenizer, **kw))
+        return engines[-1]
+
+    yield make
+    for e in engines:
+        e.shutdown()

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from steelworks.serve.engine import Engine, QueueFullError, SamplingParams
+from steelworks.serve.engine import QueueFullError, SamplingParams
 
 # Token lengths 2, 3, 4, 10, 12, 13, 18, 38 with the fixture's tokenizer.
 TEXTS = ["北京是中国的首都。", "你好", "答案是A。以下是中国关于地理考试的单项选择题，请选出其中的正确答案。",
@@ -20,26 +20,8 @@ TEXTS = ["北京是中国的首都。", "你好", "答案是A。以下是中国�
          "今天天气很好，我们去公园散步吧。"]
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer(shaken_model_dir):
-    """The shaken tiny model (conftest): a fresh init repeats one token and would hide
-    mixed-up rows."""
-    eng = Engine.from_dir(shaken_model_dir)
-    eng.shutdown()  # only its model and tokenizer are shared by the engines under test
-    return eng.model, eng.tokenizer
 
 
-@pytest.fixture
-def make_engine(model_and_tokenizer) -> Iterator[Callable[..., Engine]]:
-    engines: list[Engine] = []
-
-    def make(**kw) -> Engine:
-        engines.append(Engine(*model_and_tokenizer, **kw))
-        return engines[-1]
-
-    yield make
-    for e in engines:
-        e.shutdown()
 
 
 @contextmanager

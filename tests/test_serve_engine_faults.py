@@ -18,7 +18,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,24 +38,8 @@ TEXTS = ["北京是中国的首都。", "你好", "The quick brown fox jumps ove
          "今天天气很好，我们去公园散步吧。"]
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer(shaken_model_dir: Path) -> tuple[torch.nn.Module, Any]:
-    eng = Engine.from_dir(shaken_model_dir)
-    eng.shutdown()  # only its model and tokenizer are shared by the engines under test
-    return eng.model, eng.tokenizer
 
 
-@pytest.fixture
-def make_engine(model_and_tokenizer) -> Iterator[Callable[..., Engine]]:
-    engines: list[Engine] = []
-
-    def make(**kw: Any) -> Engine:
-        engines.append(Engine(*model_and_tokenizer, **kw))
-        return engines[-1]
-
-    yield make
-    for e in engines:
-        e.shutdown()
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -252,16 +236,6 @@ def test_failed_row_is_a_500_for_that_request_only(make_engine, nan_for_bad_seed
 
 # --- 3. /v1/evals through the engine -------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def bench_dir(tmp_path_factory) -> Path:
-    from test_evals import DEV, MAPPING, VAL, _write_csv
-
-    root = tmp_path_factory.mktemp("ceval")
-    (root / "subject_mapping.json").write_text(json.dumps(MAPPING, ensure_ascii=False), "utf-8")
-    for split, table in (("val", VAL), ("dev", DEV)):
-        for subject, rows in table.items():
-            _write_csv(root / f"{subject}_{split}.csv", rows)
-    return root
 
 
 class PublicAPIOnly:
@@ -277,25 +251,25 @@ class PublicAPIOnly:
         return getattr(self._engine, name)
 
 
-def eval_client(engine: Any, bench_dir: Path, **cfg: Any) -> TestClient:
-    return TestClient(build_app(engine, ServeConfig(benchmarks={"mini": str(bench_dir)}, **cfg)))
+def eval_client(engine: Any, mini_ceval_dir: Path, **cfg: Any) -> TestClient:
+    return TestClient(build_app(engine, ServeConfig(benchmarks={"mini": str(mini_ceval_dir)}, **cfg)))
 
 
 @pytest.mark.parametrize(("scoring", "num_shots", "chat"),
                          [("letter", 0, True), ("option_text", 1, True), ("letter", 1, False)])
 def test_evals_score_through_the_engine_like_in_process(make_engine, model_and_tokenizer,
-                                                        bench_dir: Path, scoring: str,
+                                                        mini_ceval_dir: Path, scoring: str,
                                                         num_shots: int, chat: bool) -> None:
     from steelworks.evals.config import EvalConfig
     from steelworks.evals.runner import evaluate
 
-    client = eval_client(PublicAPIOnly(make_engine(max_batch_size=4)), bench_dir)
+    client = eval_client(PublicAPIOnly(make_engine(max_batch_size=4)), mini_ceval_dir)
     r = client.post("/v1/evals", json={"benchmark": "mini", "scoring": scoring, "chat": chat,
                                        "num_shots": num_shots, "predictions": True})
     assert r.status_code == 200, r.text
     body = r.json()
-    cfg = EvalConfig(benchmark=str(bench_dir), scoring=scoring, num_shots=num_shots, chat=chat)
-    want, want_preds = evaluate(*model_and_tokenizer, bench_dir, cfg)
+    cfg = EvalConfig(benchmark=str(mini_ceval_dir), scoring=scoring, num_shots=num_shots, chat=chat)
+    want, want_preds = evaluate(*model_and_tokenizer, mini_ceval_dir, cfg)
     got_preds = body["predictions"]
     assert [p["pred"] for p in got_preds] == [p["pred"] for p in want_preds]
     assert [(p["subject"], p["id"], p["correct"]) for p in got_preds] == \
@@ -308,34 +282,34 @@ def test_evals_score_through_the_engine_like_in_process(make_engine, model_and_t
 
 
 def test_generative_evals_go_through_the_engine(make_engine, model_and_tokenizer,
-                                                bench_dir: Path) -> None:
+                                                mini_ceval_dir: Path) -> None:
     from steelworks.evals.config import EvalConfig
     from steelworks.evals.runner import evaluate
 
-    client = eval_client(PublicAPIOnly(make_engine(max_batch_size=4)), bench_dir)
+    client = eval_client(PublicAPIOnly(make_engine(max_batch_size=4)), mini_ceval_dir)
     r = client.post("/v1/evals", json={"benchmark": "mini", "mode": "generative",
                                        "max_new_tokens": 6, "predictions": True})
     assert r.status_code == 200, r.text
-    cfg = EvalConfig(benchmark=str(bench_dir), mode="generative", max_new_tokens=6)
-    want, want_preds = evaluate(*model_and_tokenizer, bench_dir, cfg)
+    cfg = EvalConfig(benchmark=str(mini_ceval_dir), mode="generative", max_new_tokens=6)
+    want, want_preds = evaluate(*model_and_tokenizer, mini_ceval_dir, cfg)
     got = r.json()
     assert [p["reply"] for p in got["predictions"]] == [p["reply"] for p in want_preds]
     assert got["report"]["unparseable"]["n"] == want["unparseable"]["n"]
 
 
-def test_eval_on_a_full_engine_is_a_503(make_engine, bench_dir: Path) -> None:
+def test_eval_on_a_full_engine_is_a_503(make_engine, mini_ceval_dir: Path) -> None:
     class Full(PublicAPIOnly):
         def prompt_logprobs(self, *_: Any, **__: Any) -> Any:
             raise QueueFullError("too many model calls are queued; retry later")
 
-    r = eval_client(Full(make_engine()), bench_dir).post("/v1/evals", json={"benchmark": "mini"})
+    r = eval_client(Full(make_engine()), mini_ceval_dir).post("/v1/evals", json={"benchmark": "mini"})
     assert r.status_code == 503, r.text
     assert r.headers["retry-after"] and r.json()["error"]["code"] == "server_busy"
 
 
-def test_finished_eval_jobs_are_pruned(make_engine, bench_dir: Path) -> None:
+def test_finished_eval_jobs_are_pruned(make_engine, mini_ceval_dir: Path) -> None:
     engine = make_engine()
-    client = eval_client(PublicAPIOnly(engine), bench_dir, eval_sync_items=0, eval_keep_jobs=2)
+    client = eval_client(PublicAPIOnly(engine), mini_ceval_dir, eval_sync_items=0, eval_keep_jobs=2)
 
     def submit() -> str:
         r = client.post("/v1/evals", json={"benchmark": "mini", "max_items": 1})

@@ -54,24 +54,14 @@ def fuzz_engine(request, fuzz_model_dir) -> Engine:
     eng.shutdown()
 
 
-@pytest.fixture(scope="module")
-def fuzz_bench_dir(tmp_path_factory) -> Path:
-    from test_evals import DEV, MAPPING, VAL, _write_csv
-
-    root = tmp_path_factory.mktemp("fuzz_ceval")
-    (root / "subject_mapping.json").write_text(json.dumps(MAPPING, ensure_ascii=False), "utf-8")
-    for split, table in (("val", VAL), ("dev", DEV)):
-        for subject, rows in table.items():
-            _write_csv(root / f"{subject}_{split}.csv", rows)
-    return root
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(fuzz_engine, fuzz_bench_dir) -> FastAPI:
+def fuzz_app(fuzz_engine, mini_ceval_dir) -> FastAPI:
     # eval_sync_items=2: larger evals answer 202 at once and run in a thread, so a fuzzed
     # max_items cannot hold a test for long.
     cfg = ServeConfig(api_key=KEY, model_name="steel", max_tokens=8, eval_sync_items=2,
-                      benchmarks={"mini": str(fuzz_bench_dir)})
+                      benchmarks={"mini": str(mini_ceval_dir)})
     return build_app(fuzz_engine, cfg)
 
 

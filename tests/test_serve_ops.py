@@ -4,7 +4,6 @@ eval endpoint, and a disconnect freeing its batch slot."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import pytest
@@ -26,21 +25,11 @@ def engine(shaken_model_dir) -> Engine:
     eng.shutdown()
 
 
-@pytest.fixture(scope="module")
-def bench_dir(tmp_path_factory):
-    from test_evals import DEV, MAPPING, VAL, _write_csv
-
-    root = tmp_path_factory.mktemp("ceval")
-    (root / "subject_mapping.json").write_text(json.dumps(MAPPING, ensure_ascii=False), "utf-8")
-    for split, table in (("val", VAL), ("dev", DEV)):
-        for subject, rows in table.items():
-            _write_csv(root / f"{subject}_{split}.csv", rows)
-    return root
 
 
 @pytest.fixture(scope="module")
-def client(engine, bench_dir) -> TestClient:
-    cfg = ServeConfig(api_key=KEY, model_name="steel", max_tokens=8, benchmarks={"mini": str(bench_dir)})
+def client(engine, mini_ceval_dir) -> TestClient:
+    cfg = ServeConfig(api_key=KEY, model_name="steel", max_tokens=8, benchmarks={"mini": str(mini_ceval_dir)})
     return TestClient(build_app(engine, cfg))
 
 
@@ -138,14 +127,14 @@ def test_disconnect_mid_stream_frees_the_slot(engine):
     assert stream.result is None or stream.result.finish_reason == "cancelled"
 
 
-def test_eval_endpoint_sync_and_job(client, engine, bench_dir):
+def test_eval_endpoint_sync_and_job(client, engine, mini_ceval_dir):
     from steelworks.evals.config import EvalConfig
     from steelworks.evals.runner import evaluate
 
     r = client.post("/v1/evals", headers=AUTH, json={"benchmark": "mini", "scoring": "letter"})
     body = r.json()
     assert r.status_code == 200 and body["status"] == "completed", body
-    expected, _ = evaluate(engine.model, engine.tokenizer, bench_dir, EvalConfig(scoring="letter"))
+    expected, _ = evaluate(engine.model, engine.tokenizer, mini_ceval_dir, EvalConfig(scoring="letter"))
     assert body["report"]["micro_acc"] == expected["micro_acc"] and body["report"]["n"] == expected["n"]
     r = client.post("/v1/evals", headers=AUTH, json={"benchmark": "nope"})
     assert r.status_code == 400 and "mini" in r.json()["error"]["message"]

@@ -166,18 +166,13 @@ def test_both_engines_answer_the_same_over_http(vllm_engine, builtin_vllm_twin) 
 
 
 def test_v1_evals_through_vllm_equal_the_builtin_engine(vllm_engine, builtin_vllm_twin,
-                                                        tmp_path) -> None:
+                                                        mini_ceval_dir) -> None:
     """/v1/evals scores through the engine's public API, so it runs on vLLM unchanged."""
     from fastapi.testclient import TestClient
-    from test_evals import DEV, MAPPING, VAL, _write_csv
 
-    (tmp_path / "subject_mapping.json").write_text(json.dumps(MAPPING, ensure_ascii=False), "utf-8")
-    for split, table in (("val", VAL), ("dev", DEV)):
-        for subject, rows in table.items():
-            _write_csv(tmp_path / f"{subject}_{split}.csv", rows)
     answers = []
     for engine in (vllm_engine, builtin_vllm_twin):
-        client = TestClient(build_app(engine, ServeConfig(benchmarks={"mini": str(tmp_path)})))
+        client = TestClient(build_app(engine, ServeConfig(benchmarks={"mini": str(mini_ceval_dir)})))
         for body in ({"benchmark": "mini", "scoring": "letter", "num_shots": 1, "predictions": True},
                      {"benchmark": "mini", "mode": "generative", "max_new_tokens": 4,
                       "predictions": True}):
