@@ -82,7 +82,6 @@ def prompts(model_dir: Path, n: int) -> list[str]:
 def _server_main(model_dir: str, engine: str, max_batch: int, port: int, threads: int) -> None:
     import uvicorn
 
-
     from steelworks.serve.app import build_app
     from steelworks.serve.config import ServeConfig
     from steelworks.serve.loader import load_engine
