@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from steelworks.serve.config import ServeConfig
 from steelworks.serve.engine import (
     Engine,
+    EngineBase,
     GenerationStream,
     InvalidTextError,
     PromptLogprobs,
@@ -171,6 +172,35 @@ def _logprobs_body(engine: Engine, ids: list[int], logprobs: list[float | None],
         offsets.append(pos)
         pos += len(t)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top_out, "text_offset": offsets}
+
+
+def _prompt_ids(engine: EngineBase, prompt: Any, cap: int) -> list[list[int]]:
+    """Each prompt of a completions request as token ids, every one checked before any work
+    (an empty prompt, text that is not valid Unicode, ids outside the vocabulary, more
+    prompts than ``cap``): a 400 that names the prompt at fault."""
+    prompts = split_prompts(prompt)
+    if len(prompts) > cap:
+        raise APIError(400, f"Too many prompts: {len(prompts)}; this server takes at most "
+                       f"{cap} per request (all of a request's prompts must fit in the "
+                       f"engine together). Send them in smaller batches.", param="prompt",
+                       code="too_many_prompts")
+    where = (lambda i: f"prompt[{i}]: ") if len(prompts) > 1 else (lambda i: "")
+    all_ids: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        try:
+            ids = engine.encode(p) if isinstance(p, str) else list(p)
+        except ValueError as e:  # text that is not valid Unicode
+            raise APIError(400, where(i) + str(e), param="prompt", code="invalid_value") from e
+        if not ids:
+            raise APIError(400, f"prompt[{i}] is empty" if len(prompts) > 1 else
+                           "prompt must not be empty", param="prompt")
+        # Checked here, before anything is decoded (echo) or started: the engine checks ids
+        # too, but only those it is given, and only when given them.
+        if max(ids) >= engine.vocab_size:
+            raise APIError(400, where(i) + f"prompt token ids must lie in [0, "
+                           f"{engine.vocab_size})", param="prompt", code="invalid_value")
+        all_ids.append(ids)
+    return all_ids
 
 
 CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
@@ -421,35 +451,14 @@ def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if req.max_tokens == 0 and req.stream:
             raise APIError(400, "max_tokens=0 (score the prompt only) is supported without "
                            "stream only", param="max_tokens")
-        prompts = split_prompts(req.prompt)
-        if len(prompts) > (cap := prompt_cap()):
-            raise APIError(400, f"Too many prompts: {len(prompts)}; this server takes at most "
-                           f"{cap} per request (all of a request's prompts must fit in the "
-                           f"engine together). Send them in smaller batches.", param="prompt",
-                           code="too_many_prompts")
-        several = len(prompts) > 1
+        all_ids = _prompt_ids(engine, req.prompt, prompt_cap())
+        several = len(all_ids) > 1
 
         def about(i: int, e: APIError) -> APIError:  # with several prompts, name the culprit
             if several and e.param == "prompt":
                 e.message = f"prompt[{i}]: {e.message}"
             return e
 
-        all_ids: list[list[int]] = []
-        for i, p in enumerate(prompts):
-            try:
-                ids = engine.encode(p) if isinstance(p, str) else list(p)
-            except ValueError as e:  # text that is not valid Unicode
-                raise about(i, APIError(400, str(e), param="prompt", code="invalid_value")) from e
-            if not ids:
-                raise APIError(400, f"prompt[{i}] is empty" if several else
-                               "prompt must not be empty", param="prompt")
-            # Checked here, before anything is decoded (echo) or started: the engine checks
-            # ids too, but only those it is given, and only when given them.
-            if max(ids) >= engine.vocab_size:
-                raise about(i, APIError(400, f"prompt token ids must lie in [0, "
-                                        f"{engine.vocab_size})", param="prompt",
-                                        code="invalid_value"))
-            all_ids.append(ids)
         texts = [engine.tokenizer.decode(ids) if req.echo else "" for ids in all_ids]
 
         # Bad input is refused before any work: the sampling parameters and each prompt's fit
