@@ -56,11 +56,12 @@ def test_every_record_is_accounted_for(corpora):
     for source, n in RECORDS.items():
         c = counts[source]
         assert c["read"] == n, source
-        assert c["read"] == sum(v for k, v in c.items() if k != "read"), source
+        assert c["read"] == sum(v for k, v in c.items() if k != "read"), source  # 1 row each
     assert counts["bad"] == {"read": 4, "kept": 2, "quarantined": 2}
     # Infinity-Instruct's langdetect filter: the zh-cn record kept, the en one filtered.
     assert counts["infinity"] == {"read": 2, "kept": 1, "filtered:language": 1}
-    assert counts["exam"] == {"read": 4, "kept": 4}  # 2 items x (answer-first, cot)
+    # 2 items read, each giving 2 rows (answer-first, cot): rows, counted by the reader too.
+    assert counts["exam"] == {"read": 2, "rows": 4, "kept": 4}
     text = counts["skypile_zh"]
     # Steel-LLM's thresholds drop about half of SkyPile (alnum <= 0.9 counts Han characters
     # as alphanumeric, as data-juicer does; avg line <= 150 fails single-line paragraphs).

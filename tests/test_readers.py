@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -297,11 +298,18 @@ def test_json_array_files(tmp_path: Path) -> None:
                                                         (3, "kept")]
     assert rows[1]["reason"] == "element 2: expected a JSON object, got str"
     assert rows[1]["raw"] == '"not an object"'
-    for content, reason in [(b'[{"text": "x"},', "not a valid JSON array file"),
+    for content, reason in [(b'[}', "not a valid JSON array file"),
                             (b'{"text": "x"}', "expected a JSON array of objects, got dict")]:
         (bad := tmp_path / "bad.json").write_bytes(content)
         [row] = parse_file(str(bad), content, src)
         assert (row["status"], row["line"]) == ("quarantined", 0) and reason in row["reason"]
+    # Arrays are parsed as a stream: the elements before a cut stay, and the cut is one
+    # quarantined line-0 row saying after which element the file broke.
+    cut = b'[{"text": "x"}, {"text": "y"}, {"te'
+    rows = parse_file("cut.json", cut, src)
+    assert [(r["line"], r["status"], r["text"]) for r in rows] == [
+        (1, "kept", "x"), (2, "kept", "y"), (0, "quarantined", "")]
+    assert "not a valid JSON array file" in rows[2]["reason"] and "after element 2" in rows[2]["reason"]
     # A line-record schema shipped as one JSON array (Stanford's alpaca_data.json).
     arr = tmp_path / "alpaca_data.json"
     arr.write_text(json.dumps([{"instruction": "说你好", "input": "", "output": "你好"}] * 2,
@@ -359,9 +367,14 @@ def test_corrupt_compressed_file_is_one_quarantined_row(tmp_path: Path) -> None:
              "cut.jsonl.zst": zstd_stream(plain)[:-5],
              "bad.jsonl.zst": b"this is not zstd"}
     for name, data in cases.items():
-        [row] = parse_file(str(tmp_path / name), data, src)
+        *before, row = parse_file(str(tmp_path / name), data, src)
         assert (row["status"], row["line"], row["raw"]) == ("quarantined", 0, ""), name
         assert row["reason"].startswith("cannot read file: " + name.rsplit(".", 1)[1][:4])
+        # Files are decompressed as a stream: whole lines before the damage stay (never the
+        # cut line itself), and the damage is the one line-0 row.
+        expected = kept(parse_file("a.jsonl", plain, src))[:len(before)]
+        assert kept(before) == [{**r, "path": str(tmp_path / name)} for r in expected], name
+        assert name.startswith("cut") or not before, name
 
 
 def test_expand_paths_directory_and_glob(tmp_path: Path) -> None:
@@ -426,3 +439,172 @@ def test_read_source_matches_parse_file(ray_local, tmp_path: Path) -> None:
     assert len(got) == 7 + 3 + 1
     key = lambda r: (r["path"], r["line"])  # noqa: E731
     assert sorted(got, key=key) == sorted(expected, key=key)
+
+
+# ---- streaming and splitting ----
+
+def _messy_jsonl() -> bytes:
+    """JSON lines with everything a cut can land on: a BOM, CRLF, blank lines, bad records,
+    multi-byte characters and a line far longer than a block."""
+    lines = [b"\xef\xbb\xbf" + json.dumps({"text": "第一行"}, ensure_ascii=False).encode()]
+    for i in range(60):
+        rec = {"text": f"文档{i} " + "长" * (i * 7 % 50)}
+        lines.append(json.dumps(rec, ensure_ascii=False).encode())
+        if i % 13 == 0:
+            lines.append(b"")
+        if i % 17 == 0:
+            lines.append(b'{"text": broken')
+        if i == 30:
+            lines.append(json.dumps({"text": "巨" * 3000}, ensure_ascii=False).encode())
+    return b"\r\n".join(lines[:30]) + b"\r\n" + b"\n".join(lines[30:]) + b"\n"
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 333, 4096, 1 << 20])
+def test_split_lines_read_the_same_rows_as_one_task(tmp_path: Path, block: int) -> None:
+    from steelworks.data.readers import ReadCounts, plan_tasks, read_task
+
+    data = _messy_jsonl()
+    (path := tmp_path / "a.jsonl").write_bytes(data)
+    src = SourceConfig(name="s", path=str(path), format="jsonl")
+    whole = parse_file(str(path), data, src)
+    tasks = plan_tasks(src, block)
+    assert len(tasks) == max(1, -(-len(data) // block)) if block < len(data) else len(tasks) == 1
+    counts, rows = ReadCounts(), []
+    for t in tasks:
+        rows += [r for batch in read_task(t, src, counts=counts, batch_rows=5) for r in batch]
+    assert rows == whole  # same rows, same line numbers, same order, none twice
+    assert counts.records == counts.rows == len(whole)
+    bad = [r["line"] for r in rows if r["status"] == "quarantined"]
+    assert len(bad) == 4 and all(data.split(b"\n")[n - 1].startswith(b'{"text": broken') for n in bad)
+
+
+def test_split_parquet_by_row_groups(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from steelworks.data.readers import plan_tasks, read_task
+
+    texts = [f"行{i}" * 20 for i in range(100)] + [None]  # the last one: quarantined
+    pq.write_table(pa.table({"content": texts}), path := tmp_path / "a.parquet", row_group_size=10)
+    src = SourceConfig(name="s", path=str(path), format="starcoder")
+    whole = parse_file(str(path), path.read_bytes(), src)
+    tasks = plan_tasks(src, 300)
+    assert len(tasks) > 3 and {t.mode for t in tasks} == {"parquet"}
+    rows = [r for t in tasks for batch in read_task(t, src) for r in batch]
+    assert rows == whole and [r["line"] for r in rows] == list(range(1, 102))
+    assert rows[-1]["status"] == "quarantined" and rows[-1]["reason"].startswith("row 101: ")
+
+
+@pytest.mark.parametrize("suffix", [".zst", ".gz", ""])
+def test_files_are_read_as_a_stream(tmp_path: Path, suffix: str) -> None:
+    """The first rows come out before the file is read through: memory per task does not
+    grow with the file (benchmarks/data_pipeline.py measures it on GB inputs)."""
+    import random
+
+    from steelworks.data.readers import ReadTask, read_task
+
+    # Random hex: text that compresses about 2:1, as real text does, not 300:1.
+    rng = random.Random(0)
+    body = b"".join(json.dumps({"text": f"第{i}篇 " + rng.randbytes(150).hex()}).encode() + b"\n"
+                    for i in range(40_000))  # ~13 MB
+    data = zstd_stream(body) if suffix == ".zst" else gzip.compress(body) if suffix == ".gz" else body
+    (path := tmp_path / f"big.jsonl{suffix}").write_bytes(data)
+    src = SourceConfig(name="s", path=str(path), format="jsonl")
+    with open(path, "rb") as f:
+        batches = read_task(ReadTask(str(path), str(path)), src, f, batch_rows=100)
+        first = next(batches)
+        assert len(first) == 100 and first[0]["text"].startswith("第0篇")
+        assert f.tell() < len(data) / 4  # read a few chunks, not the file
+        assert sum(len(b) for b in batches) == 40_000 - 100
+
+
+def test_json_array_is_streamed(tmp_path: Path) -> None:
+    from steelworks.data.readers import ReadTask, read_task
+
+    items = [{"completion": f"条目{i} " + "文" * 300} for i in range(10_000)]
+    data = json.dumps(items, ensure_ascii=False, indent=2).encode()  # ~10 MB
+    (path := tmp_path / "wiki.json").write_bytes(data)
+    src = SourceConfig(name="w", path=str(path), format="wikipedia_cn")
+    with open(path, "rb") as f:
+        batches = read_task(ReadTask(str(path), str(path)), src, f, batch_rows=50)
+        assert [r["line"] for r in next(batches)] == list(range(1, 51))
+        assert f.tell() < len(data) / 4
+
+
+# ---- column templates (custom data) ----
+
+def test_column_templates_join_columns_into_a_document_or_a_conversation(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # The Zhihu layout: one prompt/response pair per row.
+    pq.write_table(pa.table({"INSTRUCTION": ["什么是熵？", "为什么天是蓝的？", None],
+                             "RESPONSE": ["熵是无序程度的度量。", "因为瑞利散射。", "没有问题"],
+                             "SOURCE": ["zhihu", "zhihu", "zhihu"], "votes": [3, 10, 1]}),
+                   path := tmp_path / "zhihu.parquet")
+    doc = SourceConfig(name="z", path=str(path), format="parquet",
+                       columns={"text": "{INSTRUCTION}\n{RESPONSE}（{votes}赞）"})
+    rows = parse_file(str(path), path.read_bytes(), doc)
+    assert source_kind(doc) == "text"
+    assert [r["text"] for r in rows[:2]] == ["什么是熵？\n熵是无序程度的度量。（3赞）",
+                                             "为什么天是蓝的？\n因为瑞利散射。（10赞）"]
+    assert rows[2]["status"] == "quarantined"
+    assert rows[2]["reason"] == "row 3: field 'INSTRUCTION' (in the text template) missing or not a string"
+
+    sft = SourceConfig(name="z", path=str(path), format="parquet",
+                       columns={"prompt": "INSTRUCTION", "response": "RESPONSE",
+                                "system": "来自{SOURCE}的问答"})
+    assert source_kind(sft) == "sft"
+    rows = parse_file(str(path), path.read_bytes(), sft)
+    assert msgs(rows[0]) == [{"role": "system", "content": "来自zhihu的问答"},
+                             {"role": "user", "content": "什么是熵？"},
+                             {"role": "assistant", "content": "熵是无序程度的度量。"}]
+    assert rows[0]["task_type"] == "chat" and rows[2]["status"] == "quarantined"
+    # Without a system mapping there is no system turn.
+    plain = SourceConfig(name="z", path=str(path), format="parquet",
+                         columns={"prompt": "INSTRUCTION", "response": "RESPONSE"})
+    assert [m["role"] for m in msgs(parse_file(str(path), path.read_bytes(), plain)[1])] == [
+        "user", "assistant"]
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"prompt": "q"}, "needs both prompt and response"),
+    ({"text": "t", "prompt": "q", "response": "a"}, "maps one of text, messages or prompt"),
+    ({"system": "s", "text": "t"}, "columns.system goes with prompt/response"),
+    ({"body": "t"}, "unknown columns keys ['body']"),
+])
+def test_column_mapping_errors(columns: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SourceConfig(name="bad", path="x", format="jsonl", columns=columns)
+
+
+@pytest.mark.ray
+def test_split_source_on_ray_and_accounting_that_can_fail(ray_local, tmp_path: Path) -> None:
+    """A file cut into many tasks reads the same rows as one task; the readers count their
+    records on the side, so a row lost downstream fails the accounting check, naming the
+    source."""
+    from ray.data.expressions import col
+
+    from steelworks.data.clean import add_read_counts, check_accounting, count_statuses
+    from steelworks.data.readers import plan_tasks
+
+    data = _messy_jsonl()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(data)
+    (tmp_path / "in" / "b.jsonl.zst").write_bytes(zstd_stream(data))
+    src = SourceConfig(name="messy", path=str(tmp_path / "in"), format="jsonl")
+    assert len(plan_tasks(src, 500)) > 5
+    expected = [row for f in expand_paths(src.path, src.format)
+                for row in parse_file(f, Path(f).read_bytes(), src)]
+    ds = read_source(src, block_bytes=500, counts_dir=str(tmp_path / "counts")).materialize()
+    assert ds.take_all() == expected  # in order: split tasks in file order
+
+    counts = count_statuses(ds)
+    add_read_counts(counts, tmp_path / "counts")
+    assert counts["messy"]["read"] == len(expected)
+    check_accounting(counts)  # adds up
+
+    lossy = count_statuses(ds.filter(expr=col("line") != 7))  # a step that drops one row
+    add_read_counts(lossy, tmp_path / "counts")
+    with pytest.raises(RuntimeError, match=r"source 'messy'.* 2 lost on the way"):
+        check_accounting(lossy)

@@ -1,14 +1,17 @@
 """The cleaning job on Ray Data: read -> normalize -> quality-filter -> exact dedup -> MinHash.
 
 Every input record ends in exactly one bucket (``kept``, ``filtered:<op>``, ``duplicate``,
-``near_duplicate``, ``quarantined``), so read = kept + filtered + duplicates + quarantined
-holds per source; malformed records go to ``quarantine.jsonl`` with file, line and reason.
+``near_duplicate``, ``contaminated``, ``quarantined``), so read = kept + filtered +
+duplicates + contaminated + quarantined holds per source; malformed records go to
+``quarantine.jsonl`` with file, line and reason.
 
 Pretraining text goes through its source's recipe (``steelworks.data.recipe``) and the
 deduplication steps; SFT conversations are validated by their reader and filtered by
-language (``SourceConfig.languages``). Exact dedup is a distributed group-by on the
-normalized-text hash (no global set in the driver); within a group the record with the
-smallest (path, line) wins, so the same input always keeps the same representative.
+language (``SourceConfig.languages``). Both then go through benchmark decontamination when
+``data.decontam`` enables it (``steelworks.data.decontam``). Exact dedup is a distributed
+group-by on the normalized-text hash (no global set in the driver); within a group the
+record with the smallest (path, line) wins, so the same input always keeps the same
+representative.
 Aggregations are per-block partial counts summed in the driver (``aggregate.totals_by``).
 """
 
@@ -42,11 +45,37 @@ FAULT_ENV = "STEELWORKS_FAULT_DATA"
 PARQUET_ROW_GROUP_ROWS = 8192
 
 
+def recipe_ref(cfg: DataConfig, src: SourceConfig) -> str | None:
+    """The recipe a pretraining source is cleaned with: its own, else ``data.recipe``; None:
+    the built-in ``Recipe.default``."""
+    return src.recipe or cfg.recipe
+
+
 def recipe_for(cfg: DataConfig, src: SourceConfig):
     from steelworks.data.recipe import Recipe, load_recipe
 
-    ref = src.recipe or cfg.recipe
+    ref = recipe_ref(cfg, src)
     return load_recipe(ref) if ref else Recipe.default(cfg.min_chars, cfg.max_chars)
+
+
+def files_read(cfg: DataConfig) -> tuple[list[Path], list[str]]:
+    """What the data stage reads besides its config, for its cache key
+    (``steelworks.platform.rundir``): the recipe files of the pretraining sources (each
+    recipe's YAML and the flagged-word lists it names, resolved as ``load_recipe`` does),
+    and the raw input files of every source (SFT ones too). The demo corpus is generated
+    from the config, so the demo has its recipe only. Loading the recipes here also reports
+    a broken one before any work starts."""
+    from steelworks.data.readers import expand_paths
+    from steelworks.data.recipe import load_recipe
+
+    if cfg.source == "demo":  # as pipeline.run_data: one generated source, data.recipe
+        refs, raw_sources = [cfg.recipe], []
+    else:
+        refs, raw_sources = [recipe_ref(cfg, s) for s in cfg.sources], cfg.sources + cfg.sft_sources
+    recipes: list[Path] = []
+    for ref in dict.fromkeys(r for r in refs if r):  # each recipe once, in source order
+        recipes += [f for f in load_recipe(ref).files() if f not in recipes]
+    return recipes, [f for s in raw_sources for f in expand_paths(s.path, s.format)]
 
 
 def _fault(marker: str | None) -> None:
@@ -131,13 +160,15 @@ def _partitions(sources: list[SourceConfig]) -> int:
     return max(int(ray.cluster_resources().get("CPU", 1)), int(in_bytes // (128 << 20)))
 
 
-def clean_text(cfg: DataConfig, sources: list[SourceConfig], partitions: int):
-    """-> (dataset of every record with its final status and stats, {source: recipe})."""
+def clean_text(cfg: DataConfig, sources: list[SourceConfig], partitions: int,
+               counts_dir: Path | None = None):
+    """-> (dataset of every record with its final status and stats, {source: recipe}).
+    The readers write their own record counts to ``counts_dir`` (``readers.read_counts``)."""
     from steelworks.data.readers import read_source
 
     recipes = {s.name: recipe_for(cfg, s) for s in sources}
     stat_columns = sorted({f.column for r in recipes.values() for f in r.filters})
-    parts = [read_source(s).map_batches(apply_recipe, batch_format="pandas",
+    parts = [read_source(s, _block_bytes(cfg), _str(counts_dir)).map_batches(apply_recipe, batch_format="pandas",
                                         fn_kwargs={"recipe": recipes[s.name],
                                                    "stat_columns": stat_columns,
                                                    "dedup_shards": 8 * partitions,
@@ -156,12 +187,13 @@ def clean_text(cfg: DataConfig, sources: list[SourceConfig], partitions: int):
     return ds, recipes
 
 
-def clean_sft(sources: list[SourceConfig]):
+def clean_sft(sources: list[SourceConfig], block_bytes: int = 64 << 20,
+              counts_dir: Path | None = None):
     from steelworks.data.readers import read_source
 
     parts = []
     for s in sources:
-        ds = read_source(s)
+        ds = read_source(s, block_bytes, _str(counts_dir))
         if s.languages:
             ds = ds.map_batches(filter_languages, batch_format="pandas",
                                 fn_kwargs={"allowed": list(s.languages)})
@@ -169,35 +201,67 @@ def clean_sft(sources: list[SourceConfig]):
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
+def _block_bytes(cfg: DataConfig) -> int:
+    return max(1, int(cfg.read_block_mb * (1 << 20)))
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
 def count_statuses(ds) -> dict[str, dict[str, int]]:
-    """{source: {status: n, ..., "read": total}}; only these counts reach the driver."""
+    """{source: {status: n, ...}}; only these counts reach the driver."""
     from steelworks.data.aggregate import totals_by
 
     counts: dict[str, dict[str, int]] = {}
     for (source, status), t in sorted(totals_by(ds, ["source", "status"]).items()):
         counts.setdefault(source, {})[status] = t["count"]
-    for c in counts.values():
-        c["read"] = sum(c.values())
     return counts
+
+
+def add_read_counts(counts: dict[str, dict[str, int]], counts_dir: Path) -> None:
+    """Put the readers' own counts into ``counts``: ``read`` (input records) and, when one
+    record gave several rows (``wanjuan_exam`` both), ``rows``. A source the readers read
+    and no status mentions gets an entry too, so ``check_accounting`` sees it lost."""
+    from steelworks.data.readers import read_counts
+
+    for source, rc in read_counts(counts_dir).items():
+        c = counts.setdefault(source, {})
+        c["read"] = rc.records
+        if rc.rows != rc.records:
+            c["rows"] = rc.rows
 
 
 def run_clean(cfg: DataConfig, sources: list[SourceConfig], sft_sources: list[SourceConfig],
               out_dir: Path) -> dict[str, Any]:
     """Run the cleaning job. Writes ``clean/`` (pretraining text), ``sft/`` (conversations),
     ``stats/`` + ``plots/`` (per-document filter stats and their histograms) and
-    ``quarantine.jsonl``."""
+    ``quarantine.jsonl``. Returns the outputs, the ``reports`` among them (stats and plots:
+    for people, read by no later stage, and not reproducible when the corpus has more than
+    ``stats_sample`` documents, see ``write_stats``), and the counts."""
+
+    import shutil
 
     from steelworks.platform.atomic import atomic_open
 
     partitions = _partitions(sources + sft_sources)
     data_context(partitions)
+    counts_dir = out_dir / ".read_counts"  # the readers' own record counts, per task
+    shutil.rmtree(counts_dir, ignore_errors=True)
     outputs: list[str] = []
     counts: dict[str, dict[str, int]] = {}
     quarantined: list[dict[str, Any]] = []
     plots: list[str] = []
+    decontam = None
+    if cfg.decontam.enabled:
+        from steelworks.data.decontam import Step
+
+        decontam = Step(cfg.decontam)  # the benchmarks' n-grams, built once, shared by tasks
 
     if sources:
-        ds, recipes = clean_text(cfg, sources, partitions)
+        ds, recipes = clean_text(cfg, sources, partitions, counts_dir)
+        if decontam:  # after dedup: only the kept copy of a document is checked and counted
+            ds = decontam.apply(ds, "text")
         ds = ds.materialize()
         counts.update(count_statuses(ds))
         # Back to input order (the dedup shuffle left hash order): packed sequences then
@@ -208,12 +272,19 @@ def run_clean(cfg: DataConfig, sources: list[SourceConfig], sft_sources: list[So
         plots = write_stats(ds, recipes, sources, out_dir, cfg.stats_sample)
         outputs += plots
         quarantined += ds.filter(expr=col("status") == QUARANTINED).take_all()
+        if decontam:
+            decontam.collect(ds)
     if sft_sources:
-        sft = clean_sft(sft_sources).materialize()
+        sft = clean_sft(sft_sources, _block_bytes(cfg), counts_dir)
+        if decontam:
+            sft = decontam.apply(sft, "sft")
+        sft = sft.materialize()
         counts.update(count_statuses(sft))
         kept = sft.filter(expr=col("status") == KEPT).select_columns(SFT_COLUMNS).repartition(1)
         outputs += write_parquet_dir(kept, out_dir, "sft")
         quarantined += sft.filter(expr=col("status") == QUARANTINED).take_all()
+        if decontam:
+            decontam.collect(sft)
 
     quarantined.sort(key=lambda r: (r["path"], r["line"]))
     with atomic_open(out_dir / "quarantine.jsonl") as f:
@@ -221,11 +292,17 @@ def run_clean(cfg: DataConfig, sources: list[SourceConfig], sft_sources: list[So
             f.write(json.dumps({"source": r["source"], "path": r["path"], "line": int(r["line"]),
                                 "reason": r["reason"], "raw": r["raw"]}, ensure_ascii=False) + "\n")
     outputs.append("quarantine.jsonl")
+    add_read_counts(counts, counts_dir)
+    shutil.rmtree(counts_dir, ignore_errors=True)
     totals: dict[str, int] = {}
     for c in counts.values():
         for k, v in c.items():
             totals[k] = totals.get(k, 0) + v
-    return {"outputs": outputs, "counts": counts, "totals": totals}
+    result = {"outputs": outputs, "reports": plots, "counts": counts, "totals": totals}
+    if decontam:
+        report, result["decontam"] = decontam.finish(out_dir)
+        outputs.append(report)
+    return result
 
 
 def write_stats(ds, recipes: dict[str, Any], sources: list[SourceConfig], out_dir: Path,
@@ -279,8 +356,18 @@ def write_parquet_dir(ds, out_dir: Path, name: str) -> list[str]:
 
 
 def check_accounting(counts: dict[str, dict[str, int]]) -> None:
-    """Per source: read = kept + filtered:* + duplicate + near_duplicate + quarantined."""
+    """Per source, the rows the readers emitted (``rows``, else ``read``: counted by the
+    readers themselves, not from the rows that arrived) = the rows in the final buckets
+    (kept + filtered:* + duplicate + near_duplicate + quarantined + any other status). A row
+    dropped on the way (a step that loses data) makes the run fail, naming the source."""
     for source, c in counts.items():
-        parts = sum(v for k, v in c.items() if k != "read")
-        if parts != c.get("read", 0):
-            raise AssertionError(f"data accounting does not add up for {source!r}: {c}")
+        if "read" not in c:
+            raise RuntimeError(f"data accounting: source {source!r} has rows but no reader "
+                               f"count: {c}")
+        emitted = c.get("rows", c["read"])
+        buckets = {k: v for k, v in c.items() if k not in ("read", "rows")}
+        if sum(buckets.values()) != emitted:
+            raise RuntimeError(
+                f"data accounting does not add up for source {source!r}: its readers emitted "
+                f"{emitted} rows ({c['read']} input records), but {sum(buckets.values())} "
+                f"reached a bucket {buckets}: {emitted - sum(buckets.values())} lost on the way")

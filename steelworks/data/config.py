@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 
@@ -61,6 +62,9 @@ class SourceConfig:
     format: str = "jsonl"
     # Canonical field -> the source's column, for custom data: {text: content} reads the
     # document from ``content``; {messages: dialog} reads an OpenAI-style list from ``dialog``.
+    # A value with {braces} is a template of columns: {text: "{INSTRUCTION}\n{RESPONSE}"}
+    # joins two columns into one document; {prompt: INSTRUCTION, response: RESPONSE,
+    # system: SYSTEM} (each a column or a template) makes one SFT exchange per record.
     columns: dict[str, str] = field(default_factory=dict)
     # Target share of this source's tokens in the pretraining mix (all set or none; they
     # must sum to 1). None everywhere: every kept token once (the natural mix).
@@ -74,6 +78,19 @@ class SourceConfig:
     def __post_init__(self) -> None:
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"source {self.name!r}: ratio must be in (0, 1]")
+        # columns: canonical field -> column, or a template of columns ("{TITLE}\n{BODY}").
+        cols = set(self.columns)
+        if unknown := cols - {"text", "messages", "prompt", "response", "system", "task_type",
+                              "lang"}:
+            raise ValueError(f"source {self.name!r}: unknown columns keys {sorted(unknown)}; "
+                             "valid: text, messages, prompt, response, system, task_type, lang")
+        if ("prompt" in cols) != ("response" in cols):
+            raise ValueError(f"source {self.name!r}: columns needs both prompt and response")
+        if len(cols & {"text", "messages", "prompt"}) > 1:
+            raise ValueError(f"source {self.name!r}: columns maps one of text, messages or "
+                             f"prompt/response, got {sorted(cols & {'text', 'messages', 'prompt'})}")
+        if "system" in cols and "prompt" not in cols:
+            raise ValueError(f"source {self.name!r}: columns.system goes with prompt/response")
 
 
 @dataclass
@@ -103,6 +120,33 @@ class DedupConfig:
 
 
 @dataclass
+class DecontamConfig:
+    """Benchmark decontamination (``steelworks.data.decontam``): kept documents (pretraining
+    text after dedup, SFT conversations) that share an ``ngram``-token n-gram with a question
+    of the benchmarks are dropped (status ``contaminated``) or flagged (kept, and listed)."""
+
+    enabled: bool = False
+    # C-Eval or CMMLU layout directories (``steelworks.evals.benchmarks``); each one's name
+    # (``cmmlu``) labels its counts in the manifest, so names must differ.
+    benchmarks: list[str] = field(default_factory=list)
+    splits: list[Literal["dev", "val", "test"]] = field(default_factory=list)  # []: every split there
+    # Tokens per n-gram: a CJK character or a word is one token. 13: GPT-3's choice.
+    ngram: int = 13
+    action: Literal["drop", "flag"] = "drop"
+    examples: int = 5  # matched documents listed per benchmark in the manifest
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.benchmarks:
+            raise ValueError("data.decontam.enabled needs data.decontam.benchmarks (directories)")
+        if self.ngram < 1 or self.examples < 0:
+            raise ValueError("need data.decontam.ngram >= 1 and data.decontam.examples >= 0")
+        names = [Path(b).name for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.decontam.benchmarks: directory names must differ (they "
+                             f"label the counts), got {names}")
+
+
+@dataclass
 class SelfCognitionConfig:
     """Self-cognition SFT samples ("你是谁？" -> name and author) for ``source: files``."""
 
@@ -113,8 +157,33 @@ class SelfCognitionConfig:
 
 @dataclass
 class MixConfig:
-    total_tokens: int | None = None  # pretraining tokens to emit (default: the most the ratios allow without repeating)
+    """How pretraining sources are brought to their ``ratio``s (``steelworks.data.pack.plan_mix``).
+
+    ``downsample``: the total is the most the ratios allow with no document repeated, so the
+    scarcest source (relative to its ratio) sets it and the others lose the rest.
+    ``upsample``: the total is set by the most plentiful source (relative to its ratio), which
+    is used once; scarcer sources repeat, at most ``max_epochs`` times, and fall short of their
+    share when that cap binds. ``total_tokens`` fixes the total under either policy (sources
+    short of their quota then repeat, also at most ``max_epochs`` times). Without ratios,
+    neither matters: every kept token is used once (the natural mix), or, with
+    ``total_tokens``, the natural shares are scaled to it.
+    """
+
+    policy: Literal["downsample", "upsample"] = "downsample"
+    # Repeating data up to ~4 epochs costs little against unique data; beyond that returns fall
+    # off fast (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
+    max_epochs: float = 4.0
+    total_tokens: int | None = None  # pretraining tokens to emit (default: set by the policy)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("downsample", "upsample"):
+            raise ValueError(f"mix.policy must be 'downsample' or 'upsample', got {self.policy!r}")
+        # NaN fails the comparison too; inf would let a source repeat without bound.
+        if not 1.0 <= self.max_epochs < float("inf"):
+            raise ValueError(f"mix.max_epochs must be a finite number >= 1, got {self.max_epochs}")
+        if self.total_tokens is not None and self.total_tokens <= 0:
+            raise ValueError(f"mix.total_tokens must be > 0 (or unset), got {self.total_tokens}")
 
 
 @dataclass
@@ -130,13 +199,20 @@ class DataConfig:
     min_chars: int = 5  # length bounds of the default recipe
     max_chars: int = 100_000
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     num_shards: int = 2  # output shards of cleaned text (Ray Data blocks written in parallel)
+    # Input read per task: larger files are cut into tasks of about this size (JSON lines at
+    # newlines, parquet at row groups), so one 10 GB file uses every worker. Compressed
+    # files and JSON arrays are one streaming task each; memory per task stays bounded.
+    read_block_mb: float = 64.0
     stats_sample: int = 200_000  # documents whose filter stats are kept for the histograms
 
     def __post_init__(self) -> None:
         if self.source == "files" and not self.sources and not self.sft_sources:
             raise ValueError("data.source is 'files' but data.sources and data.sft_sources are empty")
+        if not self.read_block_mb > 0:
+            raise ValueError(f"data.read_block_mb must be > 0, got {self.read_block_mb}")
         if self.min_chars < 0 or self.max_chars <= self.min_chars:
             raise ValueError("need 0 <= data.min_chars < data.max_chars")
         ratios = [s.ratio for s in self.sources]
