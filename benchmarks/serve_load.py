@@ -160,16 +160,21 @@ async def client(base: str, texts: list[str], max_tokens: int, out: list[dict[st
             t0 = time.perf_counter()
             stamps: list[float] = []
             tokens = 0
-            async with http.stream("POST", f"{base}/v1/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    elif chunk["choices"] and chunk["choices"][0]["text"]:
-                        stamps.append(time.perf_counter())
+            try:
+                async with http.stream("POST", f"{base}/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+                        elif chunk["choices"] and chunk["choices"][0]["text"]:
+                            stamps.append(time.perf_counter())
+            except httpx.HTTPError as e:  # counted and shown, not fatal to the whole run
+                out.append({"ttft": float("nan"), "itl": [], "tokens": 0,
+                            "error": f"{type(e).__name__}: {e}"})
+                continue
             out.append({"ttft": stamps[0] - t0 if stamps else float("nan"),
                         "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens})
 
@@ -190,7 +195,11 @@ def load(base: str, concurrency: int, per_client: int, max_tokens: int, pool: li
     ttft = [r["ttft"] for r in results if r["ttft"] == r["ttft"]]
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))  # noqa: E731
     tokens = sum(r["tokens"] for r in results)
-    return {"concurrency": concurrency, "requests": len(results), "no_text": len(results) - len(ttft),
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        print(f"  {base}: {len(errors)} of {len(results)} requests failed, e.g. {errors[0]}", flush=True)
+    return {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
+            "no_text": len(results) - len(ttft) - len(errors),
             "output_tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * q(ttft, 50), "ttft_p99_ms": 1e3 * q(ttft, 99),
             "itl_p50_ms": 1e3 * q(itl, 50), "itl_p99_ms": 1e3 * q(itl, 99)}
@@ -258,18 +267,34 @@ def run_model(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
                          args.max_tokens, args.max_batch)
     for r in direct:
         r["vs_baseline"] = r["tokens_per_s"] / base["tokens_per_s"]
-    rows: list[dict[str, Any]] = []
-    for server in args.servers:
-        url, stop = serve(model_dir, server, args.max_batch, args.server_threads)
-        try:
-            load(url, 1, 1, 8, pool)  # warm-up
-            for c in args.concurrency:
-                r = load(url, c, args.requests_per_client, args.max_tokens, pool)
-                r.update(server=server, vs_baseline=r["tokens_per_s"] / base["tokens_per_s"])
+    # Every server is up at once and the rounds interleave them (A B C, B C A, ...), each cell
+    # reporting the median of its rounds: on a 2-core machine whose load drifts by tens of
+    # percent over minutes, servers measured one after another were not comparable.
+    servers = {}
+    try:
+        for server in args.servers:
+            servers[server] = serve(model_dir, server, args.max_batch, args.server_threads)
+        rows: list[dict[str, Any]] = []
+        for c in args.concurrency:
+            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in servers}
+            for url, _ in servers.values():  # warm-up at this concurrency, untimed
+                load(url, c, 1, 8, pool)
+            for k in range(args.rounds):
+                order = list(servers)[k % len(servers):] + list(servers)[:k % len(servers)]
+                for s in order:
+                    runs[s].append(load(servers[s][0], c, args.requests_per_client,
+                                        args.max_tokens, pool))
+            for s, rs in runs.items():
+                rates = sorted(r["tokens_per_s"] for r in rs)
+                r = dict(sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2])  # the median
+                r.update(server=s, vs_baseline=r["tokens_per_s"] / base["tokens_per_s"],
+                         rounds=rates)
                 rows.append(r)
-                print(f"[{model_dir.name}] {server} at {c}: {r['tokens_per_s']:.1f} tokens/s "
-                      f"({r['vs_baseline']:.2f}x baseline)", flush=True)
-        finally:
+                print(f"[{model_dir.name}] {s} at {c}: {r['tokens_per_s']:.1f} tokens/s median of "
+                      f"{', '.join(f'{x:.0f}' for x in rates)} ({r['vs_baseline']:.2f}x baseline)",
+                      flush=True)
+    finally:
+        for _, stop in servers.values():
             stop()
     ref = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["server"] == "vllm-serve"}
     for r in rows:
@@ -289,17 +314,18 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
         base = res["baseline"]
         print(f"\n### {res['model']} (serve.engine: auto picks {res['auto']}: {res['auto_reason']})\n")
         print("| server | clients | output tokens/s | x baseline | x vllm serve | TTFT p50 / p99 ms "
-              "| ITL p50 / p99 ms |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        print(f"| sequential generate | 1 | {base['tokens_per_s']:.1f} | 1.00x | | | |")
+              "| ITL p50 / p99 ms | rounds, tokens/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        print(f"| sequential generate | 1 | {base['tokens_per_s']:.1f} | 1.00x | | | | |")
         for r in res["rows"]:
             vs = f"{r['vs_vllm_serve']:.2f}x" if "vs_vllm_serve" in r else ""
             print(f"| {r['server']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
                   f"{r['vs_baseline']:.2f}x | {vs} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
-                  f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+                  f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | "
+                  f"{', '.join(f'{x:.0f}' for x in r['rounds'])} |")
         for r in res["engine_only"]:
             print(f"| built-in engine in-process, no HTTP | {r['concurrency']} | "
-                  f"{r['tokens_per_s']:.1f} | {r['vs_baseline']:.2f}x | | | |")
+                  f"{r['tokens_per_s']:.1f} | {r['vs_baseline']:.2f}x | | | | |")
 
 
 def main() -> None:
@@ -310,6 +336,8 @@ def main() -> None:
                    choices=["builtin", "vllm", "vllm-serve"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed rounds per server and concurrency, interleaved; the median is reported")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--baseline-requests", type=int, default=8)
     p.add_argument("--max-batch", type=int, default=64)

@@ -153,3 +153,34 @@ def test_eval_endpoint_sync_and_job(client, engine, mini_ceval_dir):
         assert client.get("/v1/evals/eval-missing", headers=AUTH).status_code == 404
     finally:
         client.app.state.config.eval_sync_items = 200
+
+
+def test_waker_sets_every_event_with_one_loop_call_per_burst() -> None:
+    """Engine threads wake streams through ``_Waker``: all 100 tokens of one engine step
+    reach their streams, and the loop is woken once for the burst, not once per token."""
+    import asyncio
+    import threading
+
+    from steelworks.serve.app import _waker
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        events = [asyncio.Event() for _ in range(100)]
+        calls = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(*args, **kw):
+            nonlocal calls
+            calls += 1
+            return real(*args, **kw)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        waker = _waker(loop)
+        assert _waker(loop) is waker  # one per loop
+        t = threading.Thread(target=lambda: [waker.wake(e) for e in events])
+        t.start()
+        t.join()  # the whole burst lands before the loop runs again
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 5)
+        return calls, sum(e.is_set() for e in events)
+
+    assert asyncio.run(main()) == (1, 100)

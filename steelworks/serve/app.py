@@ -12,8 +12,10 @@ import asyncio
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,41 @@ def _sse(obj: Any) -> str:
 DISCONNECT_POLL_S = 0.5
 
 
+class _Waker:
+    """Sets asyncio events of one loop from engine threads, with one
+    ``call_soon_threadsafe`` per burst instead of one per token: an engine step produces a
+    token for every running request at nearly the same moment, and each thread-safe call
+    writes to the loop's self-pipe and takes the GIL back and forth. At 16 streams and
+    thousands of tokens/s that was the largest per-token cost left in the app."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[asyncio.Event] = []
+
+    def wake(self, event: asyncio.Event) -> None:
+        with self._lock:
+            first = not self._pending
+            self._pending.append(event)
+        if first:  # later wakes of this burst ride on the flush already scheduled
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for event in pending:
+            event.set()
+
+
+_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker] = weakref.WeakKeyDictionary()
+
+
+def _waker(loop: asyncio.AbstractEventLoop) -> _Waker:
+    if (w := _wakers.get(loop)) is None:
+        w = _wakers[loop] = _Waker(loop)
+    return w
+
+
 async def _deltas(stream: GenerationStream, request: Request) -> AsyncIterator[str]:
     """Text deltas as the engine decodes them. The scheduler thread wakes this coroutine
     through the event loop (no thread hop per token), and a client that fell behind gets the
@@ -70,7 +107,8 @@ async def _deltas(stream: GenerationStream, request: Request) -> AsyncIterator[s
     (disconnect seen here, or this task cancelled)."""
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
-    stream.set_listener(lambda: loop.call_soon_threadsafe(ready.set))
+    wake = _waker(loop).wake
+    stream.set_listener(lambda: wake(ready))
     started, first = time.perf_counter(), None
     checked, polled = time.monotonic(), False
     try:
