@@ -141,7 +141,8 @@ def test_rerun_skips_and_config_change_reruns_downstream(run):
     for name in ("data", "tokenizer", "pretrain"):
         assert changed[name]["ended_at"] == results[name]["ended_at"], f"{name} was re-run"
     assert changed["sft"]["metrics"]["final_step"] == 2
-    assert changed["eval"]["inputs"]["sft"]["sha256"] != results["eval"]["inputs"]["sft"]["sha256"]
+    assert (changed["eval"]["inputs"]["sft"]["content_sha256"]
+            != results["eval"]["inputs"]["sft"]["content_sha256"])
     # Extending a run resumes it from its last checkpoint instead of starting over.
     before = (root / "sft" / "metrics.jsonl").read_text().splitlines()
     cfg.sft.max_steps = 4

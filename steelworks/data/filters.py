@@ -236,6 +236,13 @@ def _compile_flagged(entries: tuple[str, ...]) -> FlaggedWords:
     return FlaggedWords(entries, re.compile(_trie_regex(entries)) if entries else re.compile("(?!)"))
 
 
+def flagged_words_path(words: str | Path, base_dir: Path | None = None) -> Path:
+    """The file a recipe's ``words: <path>`` names: a relative path is relative to
+    ``base_dir``, the recipe's folder (also what the data stage's cache key hashes)."""
+    path = Path(words)
+    return base_dir / path if not path.is_absolute() and base_dir is not None else path
+
+
 def load_flagged_words(words: Sequence[str] | str | Path | FlaggedWords,
                        base_dir: Path | None = None) -> FlaggedWords:
     """A list of entries, or the path of a UTF-8 file with one entry per line (relative
@@ -243,10 +250,7 @@ def load_flagged_words(words: Sequence[str] | str | Path | FlaggedWords,
     if isinstance(words, FlaggedWords):
         return words
     if isinstance(words, (str, Path)):
-        path = Path(words)
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        words = path.read_text(encoding="utf-8").splitlines()
+        words = flagged_words_path(words, base_dir).read_text(encoding="utf-8").splitlines()
     entries = sorted({w.strip().lower() for w in words if w.strip()})
     return _compile_flagged(tuple(entries))
 

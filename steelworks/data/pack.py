@@ -1,12 +1,20 @@
 """Tokenize, mix and pack on Ray Data.
 
-Pretraining: documents are tokenized in parallel (each followed by <|endoftext|>), sampled
-to the configured source ratios (``mix_weights``), joined and cut into fixed ``seq_len``
-rows; each batch of ``sequences_per_shard`` rows is written as one shard by the worker that
-made it. Packing happens within a batch of documents, so at most one partial row per batch
-is dropped (counted in the metrics) — the price of never funnelling tokens through the
-driver. With ratios set, the tokenized corpus is materialized once so per-source token
-totals are known before sampling (Ray Data spills it to disk when it does not fit).
+Pretraining: documents are tokenized in parallel (each followed by <|endoftext|>), joined and
+cut into fixed ``seq_len`` rows; each batch of ``sequences_per_shard`` rows is written as one
+shard by the worker that made it. Packing happens within a batch of documents, so at most one
+partial row per batch is dropped (counted in the metrics) — the price of never funnelling
+tokens through the driver.
+
+Mixing (source ratios, or ``mix.total_tokens``): the tokenized corpus is materialized once so
+per-source token totals are known (Ray Data spills it to disk when it does not fit), then
+``plan_mix`` gives each source a token quota under ``mix.policy``. A source's quota is met with
+whole documents: every document for each whole epoch, and for the remaining fraction a prefix
+of its documents in the order of a hash of (seed, path, line), up to the quota (systematic
+selection, ``hash_order_cut``): deterministic, within half a document of the quota, and never
+zero documents for a positive ratio, however long the documents. Where documents repeat, each
+copy gets a sort key that places copies of one document far apart (``sample_documents``), and
+the stream is sorted by it on Ray Data before packing, so copies do not share a row.
 
 SFT: each conversation becomes one row with its loss mask (``steelworks.data.sft``), or,
 with ``pack.sft_pack``, several conversations share a row with their boundaries kept in a
@@ -18,8 +26,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +40,12 @@ from ray.data.expressions import col
 
 from steelworks.data.aggregate import totals_by
 from steelworks.data.clean import data_context
+from steelworks.data.config import MixConfig
 from steelworks.data.shards import ShardIndex, ShardInfo, token_dtype, write_shard
 
 PACK_DOCS_PER_BATCH = 2048  # documents tokenized and packed together by one task
+
+log = logging.getLogger("steelworks.data")
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,31 +95,277 @@ def pack_documents(batch: pd.DataFrame, tokenizer_dir: str, seq_len: int) -> pd.
     return pack_rows(tokenize_documents(batch, tokenizer_dir), seq_len)
 
 
-def mix_weights(tokens: dict[str, int], ratios: dict[str, float | None],
-                total: int | None) -> dict[str, float]:
-    """Expected copies of each document of a source so that source s contributes
-    ``ratio_s * T`` tokens. T is ``total`` when given (sources may then repeat, weight > 1),
-    else the largest T that needs no repetition: min_s(tokens_s / ratio_s)."""
-    if all(r is None for r in ratios.values()):
-        scale = 1.0 if total is None else total / max(1, sum(tokens.values()))
-        return {s: scale for s in tokens}
-    missing = [s for s, r in ratios.items() if r and not tokens.get(s)]
-    if missing:
-        raise ValueError(f"mix: sources {missing} have a ratio but no tokens left after cleaning")
-    t = total if total is not None else min(tokens[s] / r for s, r in ratios.items() if r)
-    return {s: (ratios[s] or 0.0) * t / tokens[s] if tokens.get(s) else 0.0 for s in ratios}
+BUCKET_BITS = 12  # first pass of the hash-order selection: 4096 buckets of the order hash
 
 
-def sample_documents(batch: pd.DataFrame, weights: dict[str, float], seed: int) -> pd.DataFrame:
-    """Each document appears floor(w) times, plus once more with probability frac(w). The
-    coin is a hash of (seed, path, line), so the sample is the same on every run and does
-    not depend on how Ray split the blocks."""
-    w = batch["source"].map(weights).to_numpy(dtype=np.float64)
-    u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}\0{p}\0{n}".encode(), digest_size=8)
-                                 .digest(), "little") / 2.0**64
-                  for p, n in zip(batch["path"], batch["line"])])
-    copies = np.floor(w).astype(np.int64) + (u < w - np.floor(w))
-    return batch.iloc[np.repeat(np.arange(len(batch)), copies)].reset_index(drop=True)
+@dataclass
+class SourcePlan:
+    """One source's part of the mix, in tokens (each document counted with its end token)."""
+
+    available: int  # tokens of the source after cleaning
+    ratio: float  # target share of the total
+    target: int  # ratio x total: what the ratio asks for
+    quota: int  # what is emitted: the target within the policy's bounds (no repeats, max_epochs)
+    capped: bool  # max_epochs cut the target: the source falls short of its share
+
+    @property
+    def full_epochs(self) -> int:
+        """Passes over every document of the source."""
+        return self.quota // self.available if self.available else 0
+
+    @property
+    def partial(self) -> int:
+        """Tokens of one more, partial pass: whole documents in hash order until met."""
+        return self.quota - self.full_epochs * self.available
+
+    @property
+    def method(self) -> str:
+        """How documents are chosen: every document (whole epochs), or, for a partial pass, a
+        prefix of the source's documents in hash order (``hash_order_cut``)."""
+        return "hash_order_prefix" if self.partial else "every_document"
+
+
+@dataclass
+class MixPlan:
+    total: int  # target total tokens (ratio x total is each source's target)
+    limited_by: str | None  # the source whose tokens set the total (None: mix.total_tokens did)
+    # The largest total at which every source meets its ratio within max_epochs: what to set
+    # mix.total_tokens to when the cap binds and the ratios matter more than the tokens.
+    max_total_for_ratios: int
+    sources: dict[str, SourcePlan]
+
+
+def plan_mix(available: dict[str, int], ratios: dict[str, float | None] | None, policy: str,
+             total_tokens: int | None, max_epochs: float) -> MixPlan:
+    """Token quotas per source (``MixConfig`` describes the policies).
+
+    Each source could carry a total of ``available / ratio`` tokens alone, used once.
+    downsample takes the smallest such total (nothing repeats; that source is used whole and
+    the rest of the others is discarded), upsample the largest (that source is used whole,
+    scarcer ones repeat); ``total_tokens`` overrides both. No source repeats more than
+    ``max_epochs`` times, and a source with a positive ratio gets at least one token, so at
+    least one whole document (``hash_order_cut``). Without ratios the natural shares apply.
+    """
+    names = list(dict.fromkeys([*(ratios or {}), *available]))
+    if ratios is None or all(r is None for r in ratios.values()):
+        whole = sum(available.values())
+        if not whole:
+            raise ValueError("mix: no pretraining tokens left after cleaning")
+        shares = {s: available.get(s, 0) / whole for s in names}
+    else:
+        missing = [s for s, r in ratios.items() if r and not available.get(s)]
+        if missing:
+            raise ValueError(f"mix: sources {missing} have a ratio but no tokens left after cleaning")
+        shares = {s: ratios.get(s) or 0.0 for s in names}
+    supply = {s: available[s] / r for s, r in shares.items() if r > 0}
+    limited_by = None
+    if total_tokens is not None:
+        total: float = total_tokens
+    else:
+        limited_by = (min if policy == "downsample" else max)(supply, key=supply.__getitem__)
+        total = supply[limited_by]
+    no_repeat = policy == "downsample" and total_tokens is None
+    sources = {}
+    for s, r in shares.items():
+        a = available.get(s, 0)
+        target = max(1, round(r * total)) if r > 0 else 0
+        cap = a if no_repeat else math.floor(max_epochs * a)
+        sources[s] = SourcePlan(a, r, target, min(target, cap), target > cap)
+    exact = min(math.floor(max_epochs * available[s]) / r for s, r in shares.items() if r > 0)
+    return MixPlan(round(total), limited_by, math.floor(exact), sources)
+
+
+def order_hash(seed: int, paths: Iterable[str], lines: Iterable[int]) -> np.ndarray:
+    """A 64-bit hash of (seed, path, line) per document: the order in which a source's
+    documents are taken. The same on every run, and independent of how Ray split the blocks."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}\0{p}\0{n}".encode(), digest_size=8)
+                                    .digest(), "little") for p, n in zip(paths, lines)],
+                    dtype=np.uint64)
+
+
+def _unit(seed: int, path: str, line: int, copy: int) -> float:
+    """A uniform number in [0, 1) from (seed, path, line, copy): 53 bits, a float's mantissa."""
+    h = hashlib.blake2b(f"{seed}\0{path}\0{line}\0{copy}".encode(), digest_size=8).digest()
+    return (int.from_bytes(h, "little") >> 11) / float(1 << 53)
+
+
+def crossing_bucket(tokens_by_bucket: dict[int, int], need: int) -> tuple[int, int]:
+    """The hash bucket (top ``BUCKET_BITS`` of the order hash) holding the document that
+    completes ``need`` tokens, and the tokens of the buckets before it."""
+    before = 0
+    for b in sorted(tokens_by_bucket):
+        if before + tokens_by_bucket[b] >= need:
+            return b, before
+        before += tokens_by_bucket[b]
+    raise ValueError(f"mix: {need} tokens asked of a source that holds {before}")
+
+
+def hash_order_cut(u: np.ndarray, ntok: np.ndarray, need: int, before: int = 0) -> tuple[int, int]:
+    """Systematic selection of whole documents: in the order of their hashes ``u``, every
+    document before the one that completes ``need`` tokens (``before`` of them in earlier
+    buckets) is taken, and that one too when it lands nearer ``need`` than stopping short
+    does (its midpoint is short of ``need``). Whole documents cannot meet a quota exactly;
+    this misses it by at most half a document either way, so the expected total is the
+    quota. One exception: a source's first document is always taken, so a positive quota
+    never yields nothing, however long the documents. Returns (tau, tokens taken): the
+    documents taken are those with ``u <= tau``."""
+    order = np.argsort(u, kind="stable")
+    us, lengths = u[order], ntok[order]
+    cum = before + np.cumsum(lengths)
+    i = int(np.searchsorted(cum, need))  # the document that completes need
+    take = cum[i] - lengths[i] / 2 < need or (before == 0 and i == 0)
+    # u - 1 excludes exactly the documents with this hash (one, as hashes of distinct paths
+    # and lines do not collide); u == 0 would be the first document, which is always taken.
+    tau = int(us[i]) if take else int(us[i]) - 1
+    return tau, before + int(ntok[u <= np.uint64(tau)].sum())
+
+
+def sample_documents(batch: pd.DataFrame, full: dict[str, int], tau: dict[str, int],
+                     seed: int) -> pd.DataFrame:
+    """Copies of each document, each with a sort key in [0, 1) that spreads them apart.
+
+    A document of source s appears ``full[s]`` times, plus once more when its order hash ``u``
+    is at most ``tau[s]`` (the partial pass). Copy k of a document with c copies gets the key
+    (k + x_k) / c, in [k/c, (k+1)/c): the k-th of c regions of the stream, so each source is
+    spread evenly over all of it. x_k = frac(x_(k-1) + 1/2 + h_k / 2) puts copy k at least half
+    a region (and less than two) after copy k-1, in a different order in each region. x_0 and
+    h_k are hashes of (seed, path, line, k): the keys depend on nothing else, so not on how
+    Ray split the blocks. (Copy 0 of every document, then copy 1 of every document, would
+    crowd the repeated sources into the end of the stream.)
+    """
+    copies = np.zeros(len(batch), np.int64)
+    u = batch["u"].to_numpy(np.uint64)
+    for s, idx in batch.groupby("source", sort=False).indices.items():
+        extra = u[idx] <= np.uint64(tau[s]) if s in tau else 0
+        copies[idx] = full.get(s, 0) + extra
+    keys = np.empty(int(copies.sum()))
+    at = 0
+    for p, n, c in zip(batch["path"], batch["line"], copies):
+        x = _unit(seed, p, n, 0)
+        for k in range(c):
+            if k:
+                x = (x + 0.5 + 0.5 * _unit(seed, p, n, k)) % 1.0
+            keys[at + k] = (k + x) / c
+        at += c
+    out = batch.iloc[np.repeat(np.arange(len(batch)), copies)].reset_index(drop=True)
+    out["key"] = keys
+    return out
+
+
+def tokenize_for_mix(batch: pd.DataFrame, tokenizer_dir: str, seed: int) -> pd.DataFrame:
+    """``tokenize_documents`` plus each document's order hash ``u``."""
+    out = tokenize_documents(batch, tokenizer_dir)
+    out["u"] = order_hash(seed, out["path"], out["line"])
+    return out
+
+
+def _bucketed(batch: pd.DataFrame, sources: list[str]) -> pd.DataFrame:
+    b = batch[batch["source"].isin(sources)]
+    bucket = (b["u"].to_numpy(np.uint64) >> np.uint64(64 - BUCKET_BITS)).astype(np.int64)
+    return pd.DataFrame({"source": b["source"].to_numpy(), "bucket": bucket,
+                         "u": b["u"].to_numpy(np.uint64), "ntok": b["ntok"].to_numpy()})
+
+
+def _in_buckets(batch: pd.DataFrame, buckets: dict[str, int]) -> pd.DataFrame:
+    return batch[batch["bucket"].to_numpy() == batch["source"].map(buckets).to_numpy()]
+
+
+def _partial_cuts(docs, need: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """``hash_order_cut`` per source over the whole dataset, in two passes that move counts,
+    not documents: token totals per (source, hash bucket) find the bucket where each quota is
+    met, then only that bucket's (hash, length) pairs reach the driver (~1/4096 of a source)."""
+    import ray
+
+    if not need:
+        return {}
+    meta = docs.select_columns(["source", "u", "ntok"]).map_batches(
+        _bucketed, batch_format="pandas", fn_kwargs={"sources": sorted(need)})
+    # A few thousand rows: one shuffle partition per CPU, not Ray's default 200 (data_context).
+    parts = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    hist: dict[str, dict[int, int]] = {}
+    for r in (meta.select_columns(["source", "bucket", "ntok"])
+              .groupby(["source", "bucket"], num_partitions=parts).sum("ntok").take_all()):
+        hist.setdefault(r["source"], {})[int(r["bucket"])] = int(r["sum(ntok)"])
+    cut = {s: crossing_bucket(hist[s], n) for s, n in need.items()}
+    edge = meta.map_batches(_in_buckets, batch_format="pandas",
+                            fn_kwargs={"buckets": {s: b for s, (b, _) in cut.items()}}).to_pandas()
+    out = {}
+    for s, n in need.items():
+        e = edge[edge["source"] == s]
+        out[s] = hash_order_cut(e["u"].to_numpy(np.uint64), e["ntok"].to_numpy(np.int64), n,
+                                cut[s][1])
+    return out
+
+
+def shares_of(packed: dict[str, int], names: Iterable[str]) -> dict[str, float]:
+    """Each source's share of the packed tokens; every named source listed, 0.0 included."""
+    total = sum(packed.values())
+    names = list(dict.fromkeys([*names, *packed]))
+    return {s: round(packed.get(s, 0) / total, 4) if total else 0.0 for s in names}
+
+
+def mix_report(plan: MixPlan, taken: dict[str, int], packed: dict[str, int], policy: str,
+               max_epochs: float) -> dict[str, Any]:
+    """The manifest's ``mix``: per source what it had, what it gave once (used), again
+    (repeated), and its share of what was packed. ``taken``: tokens of each partial pass;
+    ``packed``: tokens per source in the packed stream."""
+    shares = shares_of(packed, plan.sources)
+    sources = {}
+    for s, p in plan.sources.items():
+        emitted = p.full_epochs * p.available + taken.get(s, 0)
+        used = p.available if p.full_epochs else taken.get(s, 0)
+        sources[s] = {"available_tokens": p.available, "target_ratio": round(p.ratio, 6),
+                      "target_tokens": p.target, "used_tokens": used,
+                      "repeated_tokens": emitted - used, "discarded_tokens": p.available - used,
+                      "epochs": round(emitted / p.available, 4) if p.available else 0.0,
+                      "achieved_share": shares.get(s, 0.0), "method": p.method,
+                      "capped": p.capped}
+    return {"policy": policy, "max_epochs": max_epochs, "total_tokens": plan.total,
+            "limited_by": plan.limited_by, "max_total_for_ratios": plan.max_total_for_ratios,
+            **{k: sum(v[k] for v in sources.values())
+               for k in ("available_tokens", "used_tokens", "repeated_tokens", "discarded_tokens")},
+            "sources": sources}
+
+
+def log_mix(report: dict[str, Any], packed: dict[str, int], total_fixed: bool) -> None:
+    """Per source, a line of the report; warnings where the mix is not what the ratios say
+    or throws most of the corpus away."""
+    for s, r in report["sources"].items():
+        log.info("mix: %-16s ratio %.3f  available %d  used %d  discarded %d  repeated %d  "
+                 "epochs %.2f  share %.4f  (%s)", s, r["target_ratio"], r["available_tokens"],
+                 r["used_tokens"], r["discarded_tokens"], r["repeated_tokens"], r["epochs"],
+                 r["achieved_share"], r["method"])
+    src, avail = report["sources"], report["available_tokens"]
+    if report["policy"] == "downsample" and not total_fixed and report["discarded_tokens"] * 2 > avail:
+        s = report["limited_by"]
+        log.warning("mix: downsample keeps %d of %d available tokens (%.0f%% discarded): source "
+                    "%r (ratio %g, %d tokens) limits the total. Set mix.policy: upsample to "
+                    "repeat scarce sources instead (at most mix.max_epochs times), or "
+                    "mix.total_tokens to choose the total.", report["used_tokens"], avail,
+                    100 * report["discarded_tokens"] / avail, s, src[s]["target_ratio"],
+                    src[s]["available_tokens"])
+    if capped := [s for s, r in src.items() if r["capped"]]:
+        log.warning("mix: capped at mix.max_epochs=%g, these sources get fewer tokens than "
+                    "their ratios ask, and the shares drift: %s. Raise mix.max_epochs, or set "
+                    "mix.total_tokens to at most %d to meet every ratio.", report["max_epochs"],
+                    "; ".join(
+                        f"{s!r} (needs {src[s]['target_tokens'] / src[s]['available_tokens']:.2f} "
+                        f"epochs; share {src[s]['achieved_share']:.4f} for ratio "
+                        f"{src[s]['target_ratio']:g})" for s in capped),
+                    report["max_total_for_ratios"])
+    for s, r in src.items():
+        emitted = r["used_tokens"] + r["repeated_tokens"]
+        if not r["capped"] and emitted > 1.5 * r["target_tokens"]:
+            log.warning("mix: source %r gets %d tokens for a quota of %d (share %.4f, ratio %g): "
+                        "whole documents are taken and its documents are long against its "
+                        "quota. A larger total (mix.policy: upsample or mix.total_tokens) brings "
+                        "the share closer.", s, emitted, r["target_tokens"], r["achieved_share"],
+                        r["target_ratio"])
+        if r["target_ratio"] > 0 and not packed.get(s):
+            # The plan gives it at least one document; only a packing batch shorter than one
+            # row (dropped whole) can lose it.
+            log.warning("mix: source %r has ratio %g but no tokens in the packed shards",
+                        s, r["target_ratio"])
 
 
 def write_shards(batch: pd.DataFrame, out_dir: str, vocab_size: int) -> pd.DataFrame:
@@ -140,31 +400,49 @@ def _read_blocks(files: list[Path]) -> int:
 
 def pack_pretrain(clean_files: list[Path], tokenizer_dir: Path, out_dir: Path, seq_len: int,
                   rows_per_shard: int, vocab_size: int, pad_id: int,
-                  ratios: dict[str, float | None] | None = None, total_tokens: int | None = None,
-                  seed: int = 0) -> dict[str, Any]:
+                  ratios: dict[str, float | None] | None = None,
+                  mix: MixConfig | None = None) -> dict[str, Any]:
+    """Tokenize, mix (module docstring) and pack; the metrics' ``mix`` reports the mix per
+    source (``mix_report``), and ``achieved_shares`` lists every source, 0.0 included.
+
+    A source with a positive ratio is planned at least one whole document. Should packing
+    still leave it without tokens (only a batch shorter than one row is dropped whole), that
+    is a warning naming it, not an error: the shards are otherwise sound, and the report shows
+    its 0.0."""
     import ray
 
+    mix = mix or MixConfig()
     data_context()
     # Re-block after reading: a cleaned shard is one block, and the tokenizing map would
     # otherwise fuse with the read into one task per shard (no parallelism with 1-2 shards).
     # Split into blocks after reading: Ray reads small shards into one block, and one block
     # is tokenized by one task, one CPU.
+    blocks = _read_blocks(clean_files)
     ds = (ray.data.read_parquet([str(f) for f in clean_files])
           .select_columns(["source", "path", "line", "text"])
-          .repartition(_read_blocks(clean_files)))
+          .repartition(blocks))
     tok_kwargs = {"tokenizer_dir": str(tokenizer_dir)}
     metrics: dict[str, Any] = {}
-    if ratios and (any(r is not None for r in ratios.values()) or total_tokens is not None):
-        docs = ds.map_batches(tokenize_documents, batch_size=PACK_DOCS_PER_BATCH, batch_format="pandas",
-                              fn_kwargs=tok_kwargs).materialize()
+    plan = None
+    if (ratios and any(r is not None for r in ratios.values())) or mix.total_tokens is not None:
+        docs = ds.map_batches(tokenize_for_mix, batch_size=PACK_DOCS_PER_BATCH, batch_format="pandas",
+                              fn_kwargs={**tok_kwargs, "seed": mix.seed}).materialize()
         available = {s: t["ntok"] for s, t in totals_by(docs, ["source"], ["ntok"]).items()}
-        weights = mix_weights(available, ratios, total_tokens)
-        metrics["mix"] = {"available_tokens": available, "weights": weights,
-                          "target_ratios": ratios}
-        packed = (docs.map_batches(sample_documents, batch_format="pandas",
-                                   fn_kwargs={"weights": weights, "seed": seed})
-                      .map_batches(pack_rows, batch_size=PACK_DOCS_PER_BATCH, batch_format="pandas",
-                                   fn_kwargs={"seq_len": seq_len}))
+        plan = plan_mix(available, ratios, mix.policy, mix.total_tokens, mix.max_epochs)
+        cuts = _partial_cuts(docs, {s: p.partial for s, p in plan.sources.items() if p.partial})
+        sampled = docs.map_batches(sample_documents, batch_format="pandas", fn_kwargs={
+            "full": {s: p.full_epochs for s, p in plan.sources.items()},
+            "tau": {s: tau for s, (tau, _) in cuts.items()}, "seed": mix.seed})
+        emitted = sum(p.quota for p in plan.sources.values())
+        if any(p.quota > p.available for p in plan.sources.values()):
+            # Documents repeat: a global sort by each copy's key keeps copies far apart (see
+            # sample_documents). The keys are uniform on [0, 1), so even boundaries balance
+            # the blocks without a sampling pass; as many blocks as the copies need at the
+            # read's block size. Packing then runs per sorted block, in parallel, as before.
+            n = max(1, math.ceil(blocks * emitted / max(1, sum(available.values()))))
+            sampled = sampled.sort("key", boundaries=[i / n for i in range(1, n)])
+        packed = sampled.map_batches(pack_rows, batch_size=PACK_DOCS_PER_BATCH, batch_format="pandas",
+                                     fn_kwargs={"seq_len": seq_len})
     else:
         packed = ds.map_batches(pack_documents, batch_size=PACK_DOCS_PER_BATCH, batch_format="pandas",
                                 fn_kwargs={**tok_kwargs, "seq_len": seq_len})
@@ -174,15 +452,17 @@ def pack_pretrain(clean_files: list[Path], tokenizer_dir: Path, out_dir: Path, s
     for row in packed.filter(expr=col("source_tokens") != "").select_columns(["source_tokens"]).take_all():
         for s, n in json.loads(row["source_tokens"]).items():
             per_source[s] = per_source.get(s, 0) + int(n)
-    total = sum(per_source.values())
     shards = _write(packed.select_columns(["tokens"]), out_dir, vocab_size, rows_per_shard)
     index = ShardIndex(seq_len, str(token_dtype(vocab_size)), vocab_size, pad_id, "pretrain", shards)
     index.save(out_dir)
+    if plan is not None:
+        metrics["mix"] = mix_report(plan, {s: t for s, (_, t) in cuts.items()}, per_source,
+                                    mix.policy, mix.max_epochs)
+        log_mix(metrics["mix"], per_source, total_fixed=mix.total_tokens is not None)
     metrics.update({
         "sequences": index.num_sequences, "tokens": index.num_sequences * seq_len,
         "documents": stats["docs"], "dropped_tail_tokens": stats["dropped"], "shards": len(shards),
-        "source_tokens": per_source,
-        "achieved_shares": {s: round(n / total, 4) for s, n in per_source.items()} if total else {}})
+        "source_tokens": per_source, "achieved_shares": shares_of(per_source, ratios or {})})
     return metrics
 
 

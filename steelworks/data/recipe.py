@@ -34,7 +34,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from steelworks.data.filters import STATS, compute_stats, load_flagged_words, stat_params
+from steelworks.data.filters import (
+    STATS,
+    compute_stats,
+    flagged_words_path,
+    load_flagged_words,
+    stat_params,
+)
 from steelworks.data.normalize import NORMALIZERS
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -100,6 +106,16 @@ class Recipe:
                          NormalizerSpec("clean_whitespace", {"max_blank_lines": 0})],
             filters=[FilterSpec("text_length", "text_length", {}, min_chars, max_chars)],
         )
+
+    def files(self) -> list[Path]:
+        """The files this recipe was loaded from: its YAML and every flagged-word list it
+        names (what the data stage's cache key hashes); none for a recipe built in code."""
+        if not self.source:
+            return []
+        base = Path(self.source).parent
+        words = [flagged_words_path(f.params["words"], base) for f in self.filters
+                 if isinstance(f.params.get("words"), (str, Path))]
+        return [Path(self.source), *dict.fromkeys(words)]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description for run manifests."""

@@ -1,8 +1,10 @@
 """The driver: connects the stages through their manifests.
 
-Each ``run_<stage>`` opens ``runs/<run>/<stage>/``, returns early when the stage is current
-(same config, same input manifests, outputs intact), otherwise does the work (on Ray) and
-writes the manifest last. The driver only gathers config and launches (DESIGN principle 8).
+Each ``run_<stage>`` opens ``runs/<run>/<stage>/`` with what the stage reads (input stages,
+recipe files, raw inputs, a tokenizer or benchmark directory), returns early when the stage is
+current (same config, same content read, outputs intact: ``steelworks.platform.rundir``),
+otherwise does the work (on Ray) and writes the manifest last. The driver only gathers config
+and launches (DESIGN principle 8).
 """
 
 from __future__ import annotations
@@ -20,8 +22,29 @@ from steelworks.platform.settings import STAGES, PipelineConfig
 log = logging.getLogger("steelworks.pipeline")
 
 
-def _open(cfg: PipelineConfig, name: str, config: dict[str, Any], inputs: list[str]) -> Stage:
-    return Stage.open(cfg.runs_dir, cfg.run, name, config, inputs)
+# A pretrained_dir may be a whole model directory: its weights (GBs, and not read by the
+# tokenizer) stay out of the tokenizer stage's key.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def _open(cfg: PipelineConfig, name: str, config: dict[str, Any], inputs: list[str],
+          reads: list[Path] | None = None, raw_inputs: list[str] | None = None) -> Stage:
+    stage = Stage.open(cfg.runs_dir, cfg.run, name, config, inputs, reads or [], raw_inputs or [])
+    # Take the cache key now, before the work: the manifest must record what the work started
+    # from, not a recipe edited while it ran (rundir's docstring).
+    stage.fingerprint  # noqa: B018
+    return stage
+
+
+def tokenizer_files(directory: str) -> list[Path]:
+    """The files a pretrained tokenizer is loaded from, for the tokenizer stage's key: every
+    top-level file of the directory (transformers reads no sub-directory), weights excepted.
+    A missing directory is returned as is, for the key's error to name it."""
+    d = Path(directory)
+    if not d.is_dir():
+        return [d]
+    return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and not p.name.endswith(_WEIGHT_SUFFIXES))
 
 
 def _skip(stage: Stage, force: bool) -> bool:
@@ -32,11 +55,32 @@ def _skip(stage: Stage, force: bool) -> bool:
     return False
 
 
+def data_stage_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The data stage's config for its key: ``data`` without what only the tokenizer stage
+    uses (``mix``, each source's ``ratio``), so changing a mix re-packs and never re-cleans."""
+    data = to_dict(cfg.data)
+    data.pop("mix", None)
+    for src in data.get("sources", []):
+        src.pop("ratio", None)
+    return data
+
+
+def mix_ratios(cfg: PipelineConfig) -> dict[str, float | None]:
+    """Each pretraining source's target share (the demo corpus is one source, no ratio)."""
+    if cfg.data.source == "demo":
+        return {"demo": None}
+    return {s.name: s.ratio for s in cfg.data.sources}
+
+
 def run_data(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
-    from steelworks.data.clean import check_accounting, run_clean
+    from steelworks.data.clean import check_accounting, files_read, run_clean
     from steelworks.data.config import SourceConfig
 
-    stage = _open(cfg, "data", to_dict(cfg.data), [])
+    recipe_files, raw_files = files_read(cfg.data)
+    # Decontamination reads its benchmark directories (small: CSVs), keyed on all they hold.
+    bench = [Path(d) for d in cfg.data.decontam.benchmarks] if cfg.data.decontam.enabled else []
+    stage = _open(cfg, "data", data_stage_config(cfg), [], reads=recipe_files + bench,
+                  raw_inputs=raw_files)
     if _skip(stage, force):
         return read_manifest(stage.dir)
     extra: dict[str, Any] = {}
@@ -69,8 +113,13 @@ def run_data(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     for name, c in result["counts"].items():
         log.info("  %-16s %s", name, c)
     extra["ratios"] = {s.name: s.ratio for s in sources}
-    return stage.finish(outputs, metrics={"counts": result["counts"], "totals": result["totals"]},
-                        extra=extra)
+    metrics = {"counts": result["counts"], "totals": result["totals"]}
+    if "decontam" in result:  # per benchmark: what was checked, documents matched, examples
+        metrics["decontam"] = result["decontam"]
+        log.info("  decontam (%s): %d document(s) %s", result["decontam"]["action"],
+                 result["decontam"]["docs"],
+                 {b: v["docs"] for b, v in result["decontam"]["benchmarks"].items()})
+    return stage.finish(outputs, metrics=metrics, extra=extra, reports=result["reports"])
 
 
 def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
@@ -79,8 +128,10 @@ def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     from steelworks.data.pack import build_sft, pack_pretrain
     from steelworks.data.tokenizer import load_tokenizer, tokenizer_summary, train_tokenizer
 
+    pretrained = tokenizer_files(cfg.tokenizer.pretrained_dir) if cfg.tokenizer.pretrained_dir else []
     stage = _open(cfg, "tokenizer", {"tokenizer": to_dict(cfg.tokenizer), "pack": to_dict(cfg.pack),
-                                     "mix": to_dict(cfg.data.mix)}, ["data"])
+                                     "mix": to_dict(cfg.data.mix), "ratios": mix_ratios(cfg)},
+                  ["data"], reads=pretrained)
     if _skip(stage, force):
         return read_manifest(stage.dir)
     data = stage.input_manifest("data")
@@ -106,8 +157,8 @@ def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     if clean:
         metrics["pretrain"] = pack_pretrain(
             clean, tok_dir, stage.dir / "shards" / "pretrain", cfg.pack.seq_len,
-            cfg.pack.sequences_per_shard, vocab, pad, ratios=data.get("ratios"),
-            total_tokens=cfg.data.mix.total_tokens, seed=cfg.data.mix.seed)
+            cfg.pack.sequences_per_shard, vocab, pad, ratios=mix_ratios(cfg),
+            mix=cfg.data.mix)
     if sft:
         metrics["sft"] = build_sft(sft, tok_dir, stage.dir / "shards" / "sft", cfg.pack.sft_seq_len,
                                    cfg.pack.sequences_per_shard, vocab, pad, pack=cfg.pack.sft_pack)
@@ -147,8 +198,8 @@ def _run_train_stage(cfg: PipelineConfig, name: str, force: bool) -> dict[str, A
            "out_dir": str(stage.dir),
            "init_from": str(stage.inputs["pretrain"] / "hf") if name == "sft" else None}
     summary = run_training(job, tcfg, use_ray=tcfg.num_workers > 0)
-    outputs = list_outputs(stage.dir, "hf") + ["metrics.jsonl", "loss.png", "summary.json"]
-    return stage.finish(outputs, metrics=summary)
+    reports = ["metrics.jsonl", "loss.png", "summary.json"]  # timings: differ run to run
+    return stage.finish(list_outputs(stage.dir, "hf") + reports, metrics=summary, reports=reports)
 
 
 def run_pretrain(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
@@ -178,7 +229,9 @@ def run_eval(cfg: PipelineConfig, force: bool = False, model_dir: str | None = N
     inputs = (["data"] if demo else []) + (["sft"] if model_dir is None else [])
     # An ad-hoc `eval --model DIR` writes eval-<dir>/ so it never overwrites the run's own eval.
     name = "eval" if model_dir is None else "eval-" + "-".join(Path(model_dir).resolve().parts[-2:])
-    stage = _open(cfg, name, {**to_dict(cfg.eval), "model": model_dir}, inputs)
+    # A benchmark directory is small (CSVs and the subject mapping): keyed on all it holds.
+    reads = [] if demo else [Path(cfg.eval.benchmark)]
+    stage = _open(cfg, name, {**to_dict(cfg.eval), "model": model_dir}, inputs, reads=reads)
     if model_dir is None and _skip(stage, force):
         return read_manifest(stage.dir)
     model = model_dir or str(stage.inputs["sft"] / "hf")

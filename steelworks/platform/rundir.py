@@ -1,13 +1,37 @@
-"""Run directories and stage manifests.
+"""Run directories, stage manifests, and the cache key that decides when a stage re-runs.
 
 Every stage writes ``runs/<run>/<stage>/`` and finishes by writing ``manifest.json`` there:
-the resolved config, the manifests of its inputs (path + sha256), every output file with
-its sha256 and size, metrics, timing and the package version.  The manifest is written
-last and atomically, so a directory without one is an unfinished stage.
+the resolved config, what it read (input stages, files), every output file with its sha256
+and size, metrics, timing and the package version.  The manifest is written last and
+atomically, so a directory without one is an unfinished stage.
 
-A stage is skipped when its manifest exists, its fingerprint (config + input manifest
-hashes + package version) is unchanged, and all its outputs are present with the recorded
-sizes. ``--force`` re-runs it.
+A stage is skipped ("up to date") when its manifest exists, all its outputs are present with
+the recorded sizes, and its fingerprint is unchanged.  The fingerprint hashes what the
+stage's work depends on, by content rather than by timestamps:
+
+- its config (secrets redacted);
+- ``reads``: the small files it reads besides its config (the data stage's recipe YAML and
+  the flagged-word lists the recipes name, a pretrained tokenizer, a benchmark directory),
+  by the sha256 of their contents and their names, not where they are: an edit re-runs the
+  stage, a ``touch`` does not, and a Ray job running from an unpacked copy of the
+  repository keeps the key of the checkout it came from;
+- ``raw_inputs``: the corpus files of the data stage, by path, size and ``mtime_ns``, not by
+  content: inputs run to terabytes, and hashing them at every pipeline start would cost
+  longer than many stages.  An edit through any ordinary tool changes the mtime; a file
+  rewritten keeping both its size and its mtime (``cp -p``/``rsync -t`` of another version,
+  or a clock set back) is not noticed: re-run the stage with ``--force`` then;
+- the content of its input stages' outputs: each input manifest's ``content_sha256``, the
+  hash of its outputs' sha256 and of the fields it hands downstream (``extra``: the data
+  stage's ``ratios``, ``exam``), leaving out timestamps, timings, metrics and the outputs
+  marked as ``reports`` (histograms, logs: nothing downstream reads them).  A ``--force``
+  re-run that reproduces its outputs byte for byte therefore leaves the stages after it up
+  to date, while a changed output re-runs them;
+- the package version, as a stand-in for the code.
+
+The key is taken once per ``Stage``, on first use: the pipeline takes it when it opens a
+stage, before the work, so the manifest records what the work started from even when a read
+file is edited while the stage runs (the next run then sees the edit).  ``is_current`` logs
+which part changed.  ``--force`` re-runs a stage whatever its key.
 """
 
 from __future__ import annotations
@@ -15,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +82,56 @@ def read_manifest(stage_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _files_below(directory: Path) -> list[Path]:
+    # Hidden files (editor swaps, macOS "._x") are not content, as readers.expand_paths says.
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+
+
+def _content_hash(path: Path) -> str:
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        return sha256_json({str(f.relative_to(path)): sha256_file(f) for f in _files_below(path)})
+    raise FileNotFoundError(f"{path} does not exist (a stage reads it)")
+
+
+def content_hashes(paths: Iterable[str | Path]) -> dict[str, str]:
+    """Path -> sha256 of the file's content, or for a directory of its files' names (below it)
+    and contents; in the given order. Missing paths are a FileNotFoundError naming them."""
+    return {str(p): _content_hash(Path(p)) for p in paths}
+
+
+def _named(hashes: dict[str, str]) -> list[list[str]]:
+    # The name and content of each read, not its directory: see the module docstring.
+    return [[Path(p).name, h] for p, h in hashes.items()]
+
+
+def content_key(paths: Iterable[str | Path]) -> str:
+    """One digest of what ``paths`` (files or directories) hold: their contents and names,
+    independent of where they are; the same digest a stage's fingerprint takes of its reads."""
+    return sha256_json(_named(content_hashes(paths)))
+
+
+def stat_key(paths: Iterable[str | Path]) -> dict[str, Any]:
+    """Raw input files by path, size and mtime_ns (a directory: every file below it): their
+    count, total bytes and a digest. Not their content: see the module docstring."""
+    entries: list[list[Any]] = []
+    for p in map(Path, paths):
+        for f in _files_below(p) if p.is_dir() else [p]:
+            st = f.stat()  # FileNotFoundError names the file
+            entries.append([str(f), st.st_size, st.st_mtime_ns])
+    return {"files": len(entries), "bytes": sum(e[1] for e in entries), "sha256": sha256_json(entries)}
+
+
+def content_sha256(manifest: dict[str, Any]) -> str:
+    """What a finished stage hands downstream, hashed: its non-report outputs' sha256 and its
+    ``extra`` fields. Manifests written before this key existed: their outputs alone."""
+    if "content_sha256" in manifest:
+        return manifest["content_sha256"]
+    return sha256_json({"outputs": {k: v["sha256"] for k, v in manifest.get("outputs", {}).items()}})
+
+
 @dataclass
 class Stage:
     """One stage's output directory, its cache check and its manifest writer."""
@@ -65,40 +140,54 @@ class Stage:
     name: str
     config: dict[str, Any]
     inputs: dict[str, Path] = field(default_factory=dict)  # input stage name -> its directory
+    reads: list[Path] = field(default_factory=list)  # small files/dirs, keyed by content
+    raw_inputs: list[Path] = field(default_factory=list)  # corpus files, keyed by size + mtime
     started_at: float = field(default_factory=time.time)
+    _key: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.config = redact_secrets(self.config)  # whatever the caller passed: never a key
 
     @classmethod
     def open(
-        cls, runs_dir: str | Path, run: str, name: str, config: dict[str, Any], inputs: list[str] = ()
+        cls, runs_dir: str | Path, run: str, name: str, config: dict[str, Any],
+        inputs: Iterable[str] = (), reads: Iterable[str | Path] = (),
+        raw_inputs: Iterable[str | Path] = (),
     ) -> Stage:
+        """``inputs``: the stages it reads; ``reads``: other files or directories it reads,
+        small enough to hash; ``raw_inputs``: corpus files, too big to hash (module docstring)."""
         root = run_dir(Path(runs_dir).resolve(), run)  # workers run elsewhere: absolute paths
-        stage = cls(root / name, name, config, {i: root / i for i in inputs})
+        stage = cls(root / name, name, config, {i: root / i for i in inputs},
+                    [Path(p) for p in reads], [Path(p) for p in raw_inputs])
         stage.dir.mkdir(parents=True, exist_ok=True)
         return stage
 
     def input_manifest(self, name: str) -> dict[str, Any]:
         return read_manifest(self.inputs[name])
 
-    def _input_hashes(self) -> dict[str, dict[str, str]]:
-        out = {}
-        for name, d in self.inputs.items():
-            read_manifest(d)  # raises a clear error if the input stage is missing
-            out[name] = {"manifest": str(d / MANIFEST), "sha256": sha256_file(d / MANIFEST)}
-        return out
+    def _key_parts(self) -> dict[str, Any]:
+        """Everything the fingerprint covers but the config, taken once (module docstring)."""
+        if self._key is None:
+            inputs = {}
+            for name, d in self.inputs.items():
+                # read_manifest raises a clear error if the input stage has not completed.
+                inputs[name] = {"manifest": str(d / MANIFEST), "content_sha256": content_sha256(read_manifest(d))}
+            self._key = {"inputs": inputs, "reads": content_hashes(self.reads),
+                         "raw_inputs": stat_key(self.raw_inputs), "version": __version__}
+        return self._key
 
     @property
     def fingerprint(self) -> str:
         return self.fingerprint_of(self.config)
 
     def fingerprint_of(self, config: dict[str, Any]) -> str:
-        """The fingerprint this stage would have with ``config`` (same inputs, same version)."""
-        return sha256_json({"config": config, "inputs": self._input_hashes(), "version": __version__})
+        """The fingerprint this stage would have with ``config`` (same reads and inputs)."""
+        return _fingerprint(config, self._key_parts())
 
     def is_current(self) -> bool:
-        """True when a finished manifest matches this config and inputs and outputs are intact."""
+        """True when a finished manifest matches this config, reads and inputs, and the outputs
+        are intact. Takes the key (first), also when there is no manifest to compare it with."""
+        fingerprint = self.fingerprint
         path = self.dir / MANIFEST
         if not path.exists():
             return False
@@ -106,7 +195,9 @@ class Stage:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             return False
-        if manifest.get("fingerprint") != self.fingerprint:
+        if manifest.get("fingerprint") != fingerprint:
+            log.info("stage %s: %s changed since its last run; re-running", self.name,
+                     ", ".join(self._changed(manifest)) or "the cache key format")
             return False
         for rel, meta in manifest.get("outputs", {}).items():
             f = self.dir / rel
@@ -114,6 +205,23 @@ class Stage:
                 log.info("stage %s: output %s missing or changed; re-running", self.name, rel)
                 return False
         return True
+
+    def _changed(self, manifest: dict[str, Any]) -> list[str]:
+        """What differs from a manifest's key, named for the log."""
+        parts, out = self._key_parts(), []
+        if sha256_json(manifest.get("config")) != sha256_json(self.config):  # tuples vs lists
+            out.append("the config")
+        old = manifest.get("reads", {})
+        if _named(old) != _named(parts["reads"]):
+            out += [f"{p} (read)" for p, h in parts["reads"].items() if old.get(p) != h] or ["the files read"]
+        if manifest.get("raw_inputs", {}).get("sha256") != parts["raw_inputs"]["sha256"]:
+            out.append("raw input files (size or mtime)")
+        old_in = manifest.get("inputs", {})
+        out += [f"the outputs of stage {n!r}" for n, i in parts["inputs"].items()
+                if old_in.get(n, {}).get("content_sha256") != i["content_sha256"]]
+        if manifest.get("steelworks_version") != parts["version"]:
+            out.append("the steelworks version")
+        return out
 
     def path(self, rel: str) -> Path:
         p = self.dir / rel
@@ -125,21 +233,34 @@ class Stage:
         (self.dir / MANIFEST).unlink(missing_ok=True)
 
     def finish(
-        self, outputs: list[str], metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+        self, outputs: list[str], metrics: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None, reports: Iterable[str] = (),
     ) -> dict[str, Any]:
-        """Hash the outputs and write the manifest (last, atomically)."""
+        """Hash the outputs and write the manifest (last, atomically). ``extra``: fields for
+        the stages downstream (part of ``content_sha256``); ``reports``: those of ``outputs``
+        meant for people (histograms, logs), checked like the others but not part of it."""
+        reports = sorted(set(reports))
+        if unknown := set(reports) - set(outputs):
+            raise ValueError(f"stage {self.name}: reports {sorted(unknown)} are not among its outputs")
         files = {}
         for rel in sorted(set(outputs)):
             f = self.dir / rel
             if not f.is_file():
                 raise FileNotFoundError(f"stage {self.name}: declared output {f} was not written")
             files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        parts = self._key_parts()
+        content = sha256_json({"outputs": {k: v["sha256"] for k, v in files.items() if k not in reports},
+                               "extra": extra or {}})
         manifest = {
             "stage": self.name,
             "fingerprint": self.fingerprint,
             "config": self.config,
-            "inputs": self._input_hashes(),
+            "inputs": parts["inputs"],
+            "reads": parts["reads"],
+            "raw_inputs": parts["raw_inputs"],
             "outputs": files,
+            "reports": reports,
+            "content_sha256": content,
             "metrics": metrics or {},
             "started_at": _iso(self.started_at),
             "ended_at": _iso(time.time()),
@@ -149,6 +270,13 @@ class Stage:
         }
         atomic_write_json(self.dir / MANIFEST, manifest)
         return manifest
+
+
+def _fingerprint(config: dict[str, Any], parts: dict[str, Any]) -> str:
+    return sha256_json({"config": config, "reads": _named(parts["reads"]),
+                        "raw_inputs": parts["raw_inputs"]["sha256"],
+                        "inputs": {n: i["content_sha256"] for n, i in parts["inputs"].items()},
+                        "version": parts["version"]})
 
 
 def list_outputs(directory: Path, under: str = "") -> list[str]:
