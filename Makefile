@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 TORCH_WHEEL := $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl)
 TORCH_SRC   := $(if $(TORCH_WHEEL),--find-links /opt/wheels,--index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: demo test test-faults lint clean bench-data browser
+.PHONY: demo test test-faults lint clean bench-data bench-dj-env browser
 .DEFAULT_GOAL := demo
 
 $(BIN)/python:
@@ -74,9 +74,18 @@ $(VENV)/.bench: pyproject.toml $(VENV)/.base
 	$(BIN)/pip install -q -e '.[bench]'
 	touch $@
 
-# Data pipeline vs datatrove on ~100 MB of the shared corpus samples (see benchmarks/RESULTS.md).
-bench-data: $(VENV)/.bench
-	$(BIN)/python benchmarks/data_pipeline.py --mb 100
+# data-juicer 1.6.1, the peer of bench-data, in its own venv (never .venv): it installs missing
+# modules into its environment at run time, a CUDA torch among them (see the script).
+DJ_VENV := benchmarks/.work/venv-dj
+$(DJ_VENV)/.ready: benchmarks/data_juicer_env.sh
+	PYTHON=$(PYTHON) bash benchmarks/data_juicer_env.sh $(DJ_VENV)
+
+bench-dj-env: $(DJ_VENV)/.ready
+
+# Data pipeline vs data-juicer and datatrove on ~50 MB of the shared corpus samples, plus the
+# per-document agreement with data-juicer and the streaming-memory runs (see benchmarks/RESULTS.md).
+bench-data: $(VENV)/.bench $(DJ_VENV)/.ready
+	$(BIN)/python benchmarks/data_pipeline.py --mb 50
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -43,6 +43,7 @@ FAULT_ENV = "STEELWORKS_FAULT_DATA"
 # Rows per parquet row group of the written shards: ~32 MB of typical 4 KB documents, what
 # a reader holds at once (Arrow's default cap is 1Mi rows).
 PARQUET_ROW_GROUP_ROWS = 8192
+RECIPE_BATCH_ROWS = 2048  # documents normalized and filtered together (~8 MB of text)
 
 
 def recipe_ref(cfg: DataConfig, src: SourceConfig) -> str | None:
@@ -160,20 +161,29 @@ def _partitions(sources: list[SourceConfig]) -> int:
     return max(int(ray.cluster_resources().get("CPU", 1)), int(in_bytes // (128 << 20)))
 
 
+def read_and_filter(src: SourceConfig, recipe, stat_columns: list[str], dedup_shards: int,
+                    block_bytes: int = 64 << 20, counts_dir: Path | None = None):
+    """The streaming part of the text pipeline for one source: read, normalize, filter, hash.
+    Batches of RECIPE_BATCH_ROWS, not whole blocks (up to 128 MiB): a worker holds a few MB of
+    documents and their stats at a time, whatever the block and file sizes
+    (benchmarks/data_pipeline.py --memory-only measures it)."""
+    from steelworks.data.readers import read_source
+
+    return read_source(src, block_bytes, _str(counts_dir)).map_batches(
+        apply_recipe, batch_format="pandas", batch_size=RECIPE_BATCH_ROWS,
+        fn_kwargs={"recipe": recipe, "stat_columns": stat_columns, "dedup_shards": dedup_shards,
+                   "fault_marker": os.environ.get(FAULT_ENV)})
+
+
 def clean_text(cfg: DataConfig, sources: list[SourceConfig], partitions: int,
                counts_dir: Path | None = None):
     """-> (dataset of every record with its final status and stats, {source: recipe}).
     The readers write their own record counts to ``counts_dir`` (``readers.read_counts``)."""
-    from steelworks.data.readers import read_source
 
     recipes = {s.name: recipe_for(cfg, s) for s in sources}
     stat_columns = sorted({f.column for r in recipes.values() for f in r.filters})
-    parts = [read_source(s, _block_bytes(cfg), _str(counts_dir)).map_batches(apply_recipe, batch_format="pandas",
-                                        fn_kwargs={"recipe": recipes[s.name],
-                                                   "stat_columns": stat_columns,
-                                                   "dedup_shards": 8 * partitions,
-                                                   "fault_marker": os.environ.get(FAULT_ENV)})
-             for s in sources]
+    parts = [read_and_filter(s, recipes[s.name], stat_columns, 8 * partitions,
+                             _block_bytes(cfg), counts_dir) for s in sources]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if cfg.dedup.exact:
         ds = ds.groupby("dedup_shard", num_partitions=partitions).map_groups(

@@ -154,8 +154,13 @@ class Recipe:
         rows = np.flatnonzero(ok)
         results = [self.apply(t) for t in df["text"].iloc[rows]]
         if len(rows):
-            text_col = df.columns.get_loc("text")
-            df.iloc[rows, text_col] = [r[0] for r in results]
+            # A whole new column, not item assignment: writing items into the Arrow-backed
+            # string column Ray Data hands over peaked at ~15x the batch's text (measured:
+            # +836 MiB for 55 MiB of text), and that set the data stage's memory per worker.
+            texts = df["text"].tolist()
+            for i, r in zip(rows, results):
+                texts[i] = r[0]
+            df["text"] = texts
         for f in self.filters:
             col = np.full(len(df), np.nan)
             col[rows] = [r[1][f.stat] for r in results]
