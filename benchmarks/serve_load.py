@@ -19,7 +19,9 @@ p50/p99, and the ratios to the baseline and to ``vllm serve``. The servers:
 The baseline is what a plain HF setup does without a serving engine: one ``model.generate``
 call at a time (``min_new_tokens = max_new_tokens``) over the same prompts. Each server runs
 in its own process (the engine and app a Ray Serve replica runs, without Ray's proxy in
-front); the clients share the machine's cores.
+front); the clients share the machine's cores. The servers of a model are all up at once and
+measured in interleaved rounds (``--rounds``); each cell is the median round, and every
+round's rate is listed, since on 2 cores one run of one server can sit in a slow mode.
 """
 
 from __future__ import annotations
