@@ -16,16 +16,14 @@ from typing import Any
 import pytest
 
 from steelworks.data.config import SourceConfig
-from steelworks.data.readers import (
+from steelworks.data.formats import (
     FORMATS,
-    ROW_COLUMNS,
     RecordError,
     expand_paths,
     format_kind,
-    parse_file,
-    read_source,
     source_kind,
 )
+from steelworks.data.readers import ROW_COLUMNS, parse_file, read_source
 
 FIXTURES = Path(__file__).parent / "fixtures" / "readers"
 
@@ -585,8 +583,15 @@ def test_split_source_on_ray_and_accounting_that_can_fail(ray_local, tmp_path: P
     source."""
     from ray.data.expressions import col
 
-    from steelworks.data.clean import add_read_counts, check_accounting, count_statuses
+    from steelworks.data.clean import (
+        add_read_counts,
+        check_accounting,
+        count_statuses,
+        data_context,
+    )
     from steelworks.data.readers import plan_tasks
+
+    data_context()  # the data jobs' settings: rows in task order (preserve_order), as run_clean
 
     data = _messy_jsonl()
     (tmp_path / "in").mkdir()

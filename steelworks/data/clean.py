@@ -67,7 +67,7 @@ def files_read(cfg: DataConfig) -> tuple[list[Path], list[str]]:
     and the raw input files of every source (SFT ones too). The demo corpus is generated
     from the config, so the demo has its recipe only. Loading the recipes here also reports
     a broken one before any work starts."""
-    from steelworks.data.readers import expand_paths
+    from steelworks.data.formats import expand_paths
     from steelworks.data.recipe import load_recipe
 
     if cfg.source == "demo":  # as pipeline.run_data: one generated source, data.recipe
@@ -161,7 +161,7 @@ def _partitions(sources: list[SourceConfig]) -> int:
     use one partition per ~128 MB of input, at least one per CPU in the cluster."""
     import ray
 
-    from steelworks.data.readers import expand_paths
+    from steelworks.data.formats import expand_paths
 
     in_bytes = sum(Path(f).stat().st_size for s in sources for f in expand_paths(s.path, s.format))
     return max(int(ray.cluster_resources().get("CPU", 1)), int(in_bytes // (128 << 20)))

@@ -53,7 +53,7 @@ class SourceConfig:
 
     ``path`` is a file, a glob or a directory (every file below it with a known extension);
     ``.gz`` and ``.zst`` files are decompressed. ``format`` is a key of
-    ``steelworks.data.readers.FORMATS`` (``jsonl``, ``json``, ``parquet`` for custom data,
+    ``steelworks.data.formats.FORMATS`` (``jsonl``, ``json``, ``parquet`` for custom data,
     or a named real schema such as ``skypile``, ``firefly``, ``wanjuan_exam``).
     """
 

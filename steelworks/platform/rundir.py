@@ -83,7 +83,7 @@ def read_manifest(stage_dir: str | Path) -> dict[str, Any]:
 
 
 def _files_below(directory: Path) -> list[Path]:
-    # Hidden files (editor swaps, macOS "._x") are not content, as readers.expand_paths says.
+    # Hidden files (editor swaps, macOS "._x") are not content, as formats.expand_paths says.
     return sorted(p for p in directory.rglob("*")
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
