@@ -126,6 +126,19 @@ def test_pack_joins_documents_with_end_of_document(tiny_tokenizer_dir):
     assert int(out["docs"].sum()) == len(docs) and int(out["dropped"].sum()) == len(expected) - len(stream)
 
 
+def test_worker_encoder_matches_transformers(tiny_tokenizer_dir):
+    """The pack workers encode with the Rust tokenizer directly; the ids and the document end
+    must be what transformers' tokenizer gives, special tokens and odd whitespace included."""
+    from steelworks.data.pack import _load
+    from steelworks.data.tokenizer import document_end_id, load_tokenizer
+
+    encode, eod = _load(str(tiny_tokenizer_dir))
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    texts = ["你好，世界！ hello  world\n\n\ttab", "a <|endoftext|> b <|im_start|>", "", "Ｆｕｌｌ ①"]
+    assert encode(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    assert eod == document_end_id(tok)
+
+
 def _set(directory, start, n, seq_len=9, vocab=1000, segments=None, mask=None):
     """A one-shard set whose rows are distinguishable by their first token (start + i)."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -46,10 +46,9 @@ def plot_stat_histograms(stats: pd.DataFrame, recipe: Recipe, out_dir: Path) -> 
     """One PNG per filter of ``recipe`` whose ``stat_<name>`` column is in ``stats``
     (NaN rows skipped), stacked by ``source`` when that column exists. Each file is written
     to a temporary name and renamed into place. Returns the file names, in recipe order."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on workers or CI
-    import matplotlib.pyplot as plt
+    # Figures made directly on the Agg canvas, not through pyplot: pyplot keeps global
+    # state, and the data stage draws these in a thread while Ray writes the shards.
+    from matplotlib.figure import Figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +61,8 @@ def plot_stat_histograms(stats: pd.DataFrame, recipe: Recipe, out_dir: Path) -> 
         if len(values) == 0:
             continue
         edges, log_x = _bins(values, f)
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         if "source" in frame.columns and frame["source"].nunique() > 1:
             groups = sorted(frame["source"].astype(str).unique())
             data = [frame.loc[frame["source"].astype(str) == g, f.column].to_numpy(dtype=float)
@@ -86,7 +86,6 @@ def plot_stat_histograms(stats: pd.DataFrame, recipe: Recipe, out_dir: Path) -> 
         name = f"{f.column}.png"
         tmp = out_dir / f".{name}.tmp"
         fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
         os.replace(tmp, out_dir / name)
         written.append(name)
     return written

@@ -11,3 +11,8 @@
 (``train.kernels``). They need CUDA; on CPU they run only in Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the tests check them.
 """
+
+# The names ``train.kernels`` accepts, here rather than in ``patch`` so that validating a
+# config does not import torch (seconds on every CLI call, and transformers' tokenizer
+# import then pulls in its torch modules too).
+KERNELS = ("rmsnorm", "rope", "swiglu", "ce")

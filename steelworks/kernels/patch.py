@@ -28,11 +28,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from steelworks.kernels import KERNELS
 from steelworks.kernels.runtime import can_run
 
 log = logging.getLogger("steelworks.kernels")
 
-KERNELS = ("rmsnorm", "rope", "swiglu", "ce")
 SUPPORTED_MODELS = ("qwen2", "llama")
 
 

@@ -82,7 +82,7 @@ class TrainConfig:
             raise ValueError("train.max_steps must be >= 1")
         if self.micro_batch_size < 1 or self.grad_accum < 1 or self.num_workers < 1:
             raise ValueError("micro_batch_size, grad_accum and num_workers must be >= 1")
-        from steelworks.kernels.patch import KERNELS
+        from steelworks.kernels import KERNELS
 
         unknown = sorted(set(self.kernels) - set(KERNELS))
         if unknown:
