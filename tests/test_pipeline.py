@@ -130,23 +130,80 @@ def test_adhoc_eval_gets_its_own_stage(run):
 
 def test_rerun_skips_and_config_change_reruns_downstream(run):
     from steelworks.platform.pipeline import run_pipeline
+    from steelworks.train.resume import ResumeConflict
 
     cfg, results, root = run
     cfg.stages = ["data", "tokenizer", "pretrain", "sft", "eval"]
     again = run_pipeline(cfg)
     for name in cfg.stages:
         assert again[name]["ended_at"] == results[name]["ended_at"], f"{name} was re-run"
-    cfg.sft.max_steps = 2
-    changed = run_pipeline(cfg)
-    for name in ("data", "tokenizer", "pretrain"):
-        assert changed[name]["ended_at"] == results[name]["ended_at"], f"{name} was re-run"
-    assert changed["sft"]["metrics"]["final_step"] == 2
-    assert (changed["eval"]["inputs"]["sft"]["content_sha256"]
-            != results["eval"]["inputs"]["sft"]["content_sha256"])
-    # Extending a run resumes it from its last checkpoint instead of starting over.
+    # Shortening a run below what it trained is an error, not a restart: nothing is deleted.
+    ckpts = sorted(p.name for p in (root / "sft" / "checkpoints").glob("step_*"))
     before = (root / "sft" / "metrics.jsonl").read_text().splitlines()
+    cfg.sft.max_steps = 2
+    with pytest.raises(ResumeConflict, match=r"max_steps=2 is below the 3 steps"):
+        run_pipeline(cfg)
+    assert sorted(p.name for p in (root / "sft" / "checkpoints").glob("step_*")) == ckpts
+    # Extending a run resumes it from its last checkpoint; only SFT and eval re-run.
     cfg.sft.max_steps = 4
     extended = run_pipeline(cfg)
+    for name in ("data", "tokenizer", "pretrain"):
+        assert extended[name]["ended_at"] == results[name]["ended_at"], f"{name} was re-run"
+    assert (extended["eval"]["inputs"]["sft"]["content_sha256"]
+            != results["eval"]["inputs"]["sft"]["content_sha256"])
     after = (root / "sft" / "metrics.jsonl").read_text().splitlines()
     assert extended["sft"]["metrics"]["final_step"] == 4
-    assert after[:2] == before and [json.loads(r)["step"] for r in after] == [1, 2, 3, 4]
+    assert after[:3] == before and [json.loads(r)["step"] for r in after] == [1, 2, 3, 4]
+
+
+def test_train_checkpoints_survive_every_change(run, caplog):
+    """Refuse, never delete (train/resume.py): identical data re-made, speed settings,
+    shortening and a changed learning rate all leave the checkpoints; the first two resume,
+    the others fail naming the field; only --restart starts over, and says so."""
+    import copy
+
+    from steelworks.platform.pipeline import run_data, run_pretrain, run_tokenizer
+    from steelworks.train.resume import ResumeConflict
+
+    cfg0, results, root = run
+    ckpt = root / "pretrain" / "checkpoints"
+
+    def state():
+        return (sorted(p.name for p in ckpt.glob("step_*")),
+                (root / "pretrain" / "metrics.jsonl").read_text())
+
+    start = state()
+    assert start[0], "the pretrain stage left no checkpoint"
+    # `data --force` on the same corpus: byte-identical outputs, so nothing downstream moves.
+    cfg = copy.deepcopy(cfg0)
+    run_data(cfg, force=True)
+    assert run_tokenizer(cfg)["ended_at"] == results["tokenizer"]["ended_at"]
+    assert run_pretrain(cfg)["ended_at"] == results["pretrain"]["ended_at"]
+    assert state() == start
+    # Speed and memory settings resume (a finished run: no step is trained again).
+    cfg.pretrain.activation_checkpointing = True
+    cfg.pretrain.kernels = ["rmsnorm"]
+    cfg.pretrain.micro_batch_size, cfg.pretrain.grad_accum = 1, 2  # same global batch
+    with caplog.at_level("INFO", logger="steelworks"):
+        resumed = run_pretrain(cfg)
+    assert resumed["metrics"]["final_step"] == 4 and "resuming from" in caplog.text
+    assert state() == start
+    # Shortening below the last checkpoint, and a new learning rate: errors naming the field.
+    short = copy.deepcopy(cfg)
+    short.pretrain.max_steps = 2
+    with pytest.raises(ResumeConflict, match="max_steps=2"):
+        run_pretrain(short)
+    new_lr = copy.deepcopy(cfg)
+    new_lr.pretrain.optim.lr = 1e-4
+    with pytest.raises(ResumeConflict) as err:
+        run_pretrain(new_lr)
+    assert "optim.lr: 0.0003 -> 0.0001" in str(err.value) and "--restart" in str(err.value)
+    assert state() == start
+    # --restart wipes (in the log) and trains from step 0 with the new learning rate.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="steelworks"):
+        restarted = run_pretrain(new_lr, restart=True)
+    assert "--restart: removed checkpoints" in caplog.text
+    rows = [json.loads(r) for r in (root / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert restarted["metrics"]["final_step"] == 4 and [r["step"] for r in rows] == [2, 4]
+    assert json.loads((root / "pretrain" / "resume_key.json").read_text())["config"]["optim.lr"] == 1e-4

@@ -417,3 +417,46 @@ def test_run_lock_makes_a_second_run_wait_for_the_first_to_die(tmp_path):
     finally:
         holder.kill()
         holder.wait(10)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd"])
+def test_extended_schedule_continues_without_a_jump(kind):
+    from steelworks.train.config import OptimConfig
+    from steelworks.train.schedule import Schedule, lr_multiplier
+
+    cfg = OptimConfig(schedule=kind, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
+    sched = Schedule(700, cfg)
+    planned = [sched(s) for s in range(701)]
+    assert planned == [lr_multiplier(s, 700, cfg) for s in range(701)]
+    assert sched.extend(700, 900)  # a finished run taken from 700 to 900 steps
+    ext = [sched(s) for s in range(701)]
+    assert ext == planned, "the steps already trained keep their LR"
+    tail = [sched(s) for s in range(700, 901)]
+    assert max(tail) <= planned[700] + 1e-12 and tail[-1] == pytest.approx(0.1)
+    # the recomputed plan jumped here: about 30% of peak for cosine, the peak for WSD
+    assert lr_multiplier(701, 900, cfg) > 0.2 and sched(701) < 0.11
+    # mid-decay, then extended again: continuous at both joins, and the chain is saved
+    mid = Schedule(700, cfg)
+    at = mid(650)
+    mid.extend(650, 800)
+    assert mid(650) == pytest.approx(at) and mid(651) <= at + 1e-12
+    mid.extend(760, 1000)
+    assert abs(mid(761) - mid(760)) < 0.01 and mid(1000) == pytest.approx(0.1)
+    again = Schedule.from_state(mid.state(), cfg, total=123)
+    assert [again(s) for s in range(1001)] == [mid(s) for s in range(1001)]
+    if kind == "wsd":  # still stable: the decay just moves later, as if planned that way
+        stable = Schedule(700, cfg)
+        stable.extend(300, 900)
+        assert [stable(s) for s in range(901)] == [lr_multiplier(s, 900, cfg) for s in range(901)]
+
+
+def test_extending_a_finished_run_has_no_lr_jump(demo_data, tmp_path):
+    job, cfg = _job(demo_data, tmp_path, max_steps=6, optim={"lr": 1e-2, "warmup_steps": 1})
+    run_training(job, cfg, use_ray=False)
+    job, cfg = _job(demo_data, tmp_path, max_steps=10, optim={"lr": 1e-2, "warmup_steps": 1})
+    run_training(job, cfg, use_ray=False)
+    lrs = [json.loads(r)["lr"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) == 10
+    floor = 1e-2 * cfg.optim.min_lr_ratio
+    assert lrs[5] == pytest.approx(floor)  # the 6-step run ended at its floor
+    assert all(lr == pytest.approx(floor) for lr in lrs[5:]), lrs  # and stays there: no jump

@@ -29,6 +29,13 @@ def _config_args(p: argparse.ArgumentParser, force: bool = True) -> None:
                        help="re-run even if the stage's config and inputs are unchanged")
 
 
+def _restart_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--restart", action="store_true",
+                   help="start the train stage(s) over: removes their checkpoints, HF export and "
+                        "metrics (logged). Without it a config change that cannot resume is an "
+                        "error and nothing is deleted")
+
+
 def _load(args) -> PipelineConfig:
     return load(PipelineConfig, args.config, args.overrides)
 
@@ -68,6 +75,9 @@ def cmd_stage(args) -> int:
         # The whole data/ side: clean the corpus, then train the tokenizer and pack shards.
         results = {name: pipeline.RUNNERS[name](cfg, force=args.force)
                    for name in ("data", "tokenizer")}
+    elif args.command in ("pretrain", "sft"):
+        results = {args.command: pipeline.RUNNERS[args.command](cfg, force=args.force,
+                                                                restart=args.restart)}
     else:
         results = {args.command: pipeline.RUNNERS[args.command](cfg, force=args.force)}
     print(pipeline.summarize(cfg, results))
@@ -79,7 +89,7 @@ def cmd_pipeline(args) -> int:
 
     cfg = _load(args)
     _connect(cfg)
-    results = pipeline.run_pipeline(cfg, force=args.force)
+    results = pipeline.run_pipeline(cfg, force=args.force, restart=args.restart)
     print(pipeline.summarize(cfg, results))
     return 0
 
@@ -176,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         p = sub.add_parser(name, help=text, description=text)
         _config_args(p)
+        if name in ("pretrain", "sft"):
+            _restart_arg(p)
         if name == "eval":
             p.add_argument("--model", default=None,
                            help="evaluate this HF model directory instead of the run's SFT model")
@@ -189,10 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "stages with unchanged config and inputs are skipped",
                        description="Run data -> tokenizer -> pretrain -> sft -> eval -> serve.")
     _config_args(p)
+    _restart_arg(p)
     p.set_defaults(func=cmd_pipeline)
     p = sub.add_parser("demo", help="the whole pipeline on the embedded demo corpus (configs/demo.yaml)",
                        description="Run the pipeline on the demo config and print a summary.")
     _config_args(p)
+    _restart_arg(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("serve", help="serve a model on Ray Serve with an OpenAI-compatible API",
                        description="Deploy an HF model directory on Ray Serve and keep serving.")

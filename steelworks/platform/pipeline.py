@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from steelworks.platform.atomic import atomic_write_json
 from steelworks.platform.config import to_dict
 from steelworks.platform.rundir import Stage, list_outputs, read_manifest
 from steelworks.platform.settings import STAGES, PipelineConfig
@@ -166,48 +167,84 @@ def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     return stage.finish(list_outputs(stage.dir), metrics=metrics)
 
 
-def _run_train_stage(cfg: PipelineConfig, name: str, force: bool) -> dict[str, Any]:
+def _settle_resume(stage: Stage, name: str, tcfg: Any, restart: bool) -> None:
+    """Resume this train stage's checkpoints, or start it over when asked to (``restart``);
+    never delete them otherwise (train/resume.py): a change that cannot resume, or fewer
+    steps than already trained, is a ``ResumeConflict`` naming the fields."""
+    from steelworks import __version__
     from steelworks.train.checkpoint import latest_checkpoint
-    from steelworks.train.config import RESUME_COMPATIBLE
-    from steelworks.train.driver import run_training
+    from steelworks.train.resume import (
+        KEY_FILE,
+        WIPED,
+        ResumeConflict,
+        conflict_message,
+        conflicts,
+        make_key,
+        read_key,
+    )
 
+    key = make_key(stage.config, stage.input_hashes, __version__)
+    if restart:
+        gone = [d for d in WIPED if (stage.dir / d).exists()]
+        for d in gone:
+            p = stage.dir / d
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        log.warning("stage %s: --restart: removed %s from %s; training starts at step 0", name,
+                    ", ".join(gone) or "nothing (no earlier training)", stage.dir)
+    last = latest_checkpoint(stage.dir / "checkpoints")
+    command = f"steelworks {name}"
+    if last is not None:
+        old = read_key(stage.dir)
+        if old is None:
+            # Checkpoints from before keys were kept per field (a fingerprint.txt hash): the
+            # fields cannot be compared. Adopt them, loudly, rather than delete them.
+            log.warning("stage %s: %s has checkpoints but no %s (made by an older steelworks); "
+                        "resuming them as if this config made them", name, stage.dir, KEY_FILE)
+        else:
+            changes = conflicts(old, key)
+            if changes:
+                raise ResumeConflict(conflict_message(name, stage.dir, last, changes, command))
+            if old.get("version") != key["version"]:
+                log.warning("stage %s: resuming checkpoints made by steelworks %s with %s", name,
+                            old.get("version"), key["version"])
+        done = int(last.name.split("_")[1])
+        if tcfg.epochs is None and tcfg.max_steps < done:
+            raise ResumeConflict(
+                f"stage {name}: {name}.max_steps={tcfg.max_steps} is below the {done} steps "
+                f"already trained ({last}). Nothing was deleted. Set max_steps >= {done} to "
+                f"resume, or start over with `{command} --restart`.")
+        log.info("stage %s: resuming from %s", name, last)
+    atomic_write_json(stage.dir / KEY_FILE, key)
+    (stage.dir / "fingerprint.txt").unlink(missing_ok=True)  # the older, hashed key
+
+
+def _run_train_stage(cfg: PipelineConfig, name: str, force: bool, restart: bool = False) -> dict[str, Any]:
     tcfg = cfg.pretrain if name == "pretrain" else cfg.sft
     inputs = ["tokenizer"] if name == "pretrain" else ["tokenizer", "pretrain"]
     stage = _open(cfg, name, to_dict(tcfg), inputs)
-    if _skip(stage, force):
+    # --force re-runs a train stage from its checkpoints (a finished one just exports again);
+    # only --restart starts it over.
+    if _skip(stage, force or restart):
         return read_manifest(stage.dir)
-    # Resume checkpoints made with the same inputs and a config that differs at most in the
-    # resume-compatible fields (more steps, appended data, more workers ...); otherwise
-    # start clean.
-    marker = stage.dir / "fingerprint.txt"
-    resume_key = stage.fingerprint_of({k: v for k, v in stage.config.items() if k not in RESUME_COMPATIBLE})
-    last = latest_checkpoint(stage.dir / "checkpoints")
-    # A run cannot be shortened below what it already trained: start that one over.
-    beyond = last is not None and tcfg.epochs is None and int(last.name.split("_")[1]) > tcfg.max_steps
-    if force or beyond or not marker.exists() or marker.read_text() != resume_key:
-        for d in ("checkpoints", "hf", "tensorboard", "metrics.jsonl"):
-            p = stage.dir / d
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        marker.write_text(resume_key)
-    elif last is not None:
-        log.info("stage %s: resuming from %s (config changed only in %s)", name,
-                 stage.dir / "checkpoints", ", ".join(RESUME_COMPATIBLE))
+    _settle_resume(stage, name, tcfg, restart)
     tok_dir = stage.inputs["tokenizer"]
     job = {"task": name, "train": to_dict(tcfg), "tokenizer_dir": str(tok_dir / "tokenizer"),
            "data_dir": str(tok_dir / "shards" / ("pretrain" if name == "pretrain" else "sft")),
            "out_dir": str(stage.dir),
            "init_from": str(stage.inputs["pretrain"] / "hf") if name == "sft" else None}
+    from steelworks.train.driver import run_training
+
     summary = run_training(job, tcfg, use_ray=tcfg.num_workers > 0)
     reports = ["metrics.jsonl", "loss.png", "summary.json"]  # timings: differ run to run
     return stage.finish(list_outputs(stage.dir, "hf") + reports, metrics=summary, reports=reports)
 
 
-def run_pretrain(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
-    return _run_train_stage(cfg, "pretrain", force)
+def run_pretrain(cfg: PipelineConfig, force: bool = False, restart: bool = False) -> dict[str, Any]:
+    return _run_train_stage(cfg, "pretrain", force, restart)
 
 
-def run_sft(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
-    return _run_train_stage(cfg, "sft", force)
+def run_sft(cfg: PipelineConfig, force: bool = False, restart: bool = False) -> dict[str, Any]:
+    return _run_train_stage(cfg, "sft", force, restart)
 
 
 def eval_uses_ray(cfg: PipelineConfig) -> bool:
@@ -285,8 +322,6 @@ def run_serve(cfg: PipelineConfig, model_dir: str | None = None) -> dict[str, An
         metrics["smoke_test"] = _ask(url, serve_cfg, "你是谁？")
     if not serve_cfg.keep_running:
         shutdown()
-    from steelworks.platform.atomic import atomic_write_json
-
     atomic_write_json(stage.dir / "serve.json", metrics)
     return stage.finish(["serve.json"], metrics=metrics)
 
@@ -309,13 +344,21 @@ RUNNERS = {"data": run_data, "tokenizer": run_tokenizer, "pretrain": run_pretrai
            "eval": run_eval}
 
 
-def run_pipeline(cfg: PipelineConfig, force: bool = False) -> dict[str, dict[str, Any]]:
+def run_pipeline(cfg: PipelineConfig, force: bool = False,
+                 restart: bool = False) -> dict[str, dict[str, Any]]:
+    """Run ``cfg.stages`` in order. ``restart``: the train stages start over (their
+    checkpoints are removed, see ``_settle_resume``); other stages are unaffected."""
     results = {}
     for name in STAGES:
         if name not in cfg.stages:
             continue
         log.info("=== stage %s ===", name)
-        results[name] = run_serve(cfg) if name == "serve" else RUNNERS[name](cfg, force=force)
+        if name == "serve":
+            results[name] = run_serve(cfg)
+        elif name in ("pretrain", "sft"):
+            results[name] = RUNNERS[name](cfg, force=force, restart=restart)
+        else:
+            results[name] = RUNNERS[name](cfg, force=force)
     return results
 
 

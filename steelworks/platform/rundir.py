@@ -177,6 +177,11 @@ class Stage:
         return self._key
 
     @property
+    def input_hashes(self) -> dict[str, str]:
+        """{input stage: content_sha256 of its outputs} (what the fingerprint covers of it)."""
+        return {n: i["content_sha256"] for n, i in self._key_parts()["inputs"].items()}
+
+    @property
     def fingerprint(self) -> str:
         return self.fingerprint_of(self.config)
 

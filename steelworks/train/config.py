@@ -41,12 +41,6 @@ class OptimConfig:
             raise ValueError("optim.lr must be > 0")
 
 
-# Fields a run may change and still resume from its checkpoints: how long it runs, what data
-# is appended, how often it logs/saves, and how many workers (DCP reshards on load).
-RESUME_COMPATIBLE = ("max_steps", "epochs", "extra_data", "log_every", "ckpt_every", "keep_last",
-                     "num_workers", "max_failures", "tensorboard", "wandb_project")
-
-
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -39,7 +39,7 @@ from steelworks.train.config import TrainConfig
 from steelworks.train.data import Batch, PackedLoader
 from steelworks.train.metrics import MetricsLog, flops_per_token, peak_flops, truncate_log
 from steelworks.train.parallelize import materialize, parallelize
-from steelworks.train.schedule import lr_multiplier
+from steelworks.train.schedule import Schedule
 
 log = logging.getLogger("steelworks.train")
 
@@ -138,6 +138,23 @@ def _resume_point(ckpt_dir: Path, job: dict[str, Any]) -> Path | None:
     return found
 
 
+def agree_resume_point(ckpt_dir: Path, job: dict[str, Any], rank: int,
+                       stack: contextlib.ExitStack) -> Path | None:
+    """The checkpoint every rank resumes from, chosen once. Rank 0 first takes ``run_lock``
+    (held on ``stack`` until the loop ends), so a dying worker of an earlier run has stopped
+    renaming and pruning; then it picks and broadcasts. Ranks scanning the directory each on
+    their own could pick different steps while that worker still wrote, and hang on a
+    mismatched collective or mix weights of two steps."""
+    if rank == 0:
+        stack.enter_context(run_lock(ckpt_dir))
+        chosen = [str(p) if (p := _resume_point(ckpt_dir, job)) is not None else None]
+    else:
+        chosen = [None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0]) if chosen[0] is not None else None
+
+
 def train_loop(job: dict[str, Any]) -> dict[str, Any]:
     """Train as ``job`` says (see the module docstring); returns the final metrics."""
     with contextlib.ExitStack() as stack:  # holds rank 0's run_lock until the loop ends
@@ -194,19 +211,30 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, total_steps, cfg.optim))
+    # A closure over a Schedule object (not the object itself): LambdaLR's state_dict would
+    # save a callable object's fields and its load_state_dict overwrite a resumed run's new
+    # plan with the checkpoint's. The schedule is saved on its own, in the checkpoint's meta.
+    schedule = Schedule(total_steps, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s))
 
     ckpt_dir = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
-    if rank == 0:  # before reading the resume point: a dying earlier run may still write
-        stack.enter_context(run_lock(ckpt_dir))
     step = 0
-    resume = _resume_point(ckpt_dir, job)
+    resume = agree_resume_point(ckpt_dir, job, rank, stack)
     if resume is not None:
         meta = load_checkpoint(resume, model, optimizer)
         step = meta["step"]
+        if step > total_steps:
+            raise ValueError(f"{resume} is at step {step}, past this run's {total_steps} steps "
+                             "(max_steps, or epochs x steps per epoch): a run is not shortened "
+                             "below what it trained; raise the steps or restart the stage")
         scheduler.load_state_dict(meta["scheduler"])
+        # The plan the checkpoint trained with, re-planned without a jump when the run was
+        # extended (or cut, not below its step): train/schedule.py states the rule.
+        schedule.__dict__.update(Schedule.from_state(meta.get("schedule"), cfg.optim, total_steps).__dict__)
+        extended = schedule.extend(step, total_steps)
+        if extended and rank == 0:
+            log.info("%s", extended)
         loader.load_state_dict(meta["loader"])
         if rank == 0:
             truncate_log(metrics_path, step)
@@ -286,7 +314,8 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total_steps:
             saved = save_checkpoint(
                 ckpt_dir, step, model, optimizer,
-                {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "config": job["train"]},
+                {"scheduler": scheduler.state_dict(), "schedule": schedule.state(),
+                 "loader": loader.state_dict(), "config": job["train"]},
                 # Under Ray Train, CheckpointConfig(num_to_keep) prunes what was reported.
                 keep_last=None if job.get("ray") else cfg.keep_last,
                 before_commit=functools.partial(_fault, job, "save", step, rank))
