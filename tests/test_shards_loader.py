@@ -200,3 +200,33 @@ def test_packed_rows_restart_positions_and_hide_boundaries(tmp_path):
     # labels: mask shifted by one, minus the boundary targets (token 3 -> first of sample 2)
     assert (b.labels != -100).long().tolist() == [[1, 1, 0, 1, 0, 1, 1]]
     assert b.sample_ids.tolist() == [[1, 1, 0, 2, 0, 3, 3]]
+
+
+def test_feistel_order_is_a_keyed_bijection_at_any_size():
+    from steelworks.train.permutation import FeistelPermutation
+
+    for n in (1, 2, 3, 7, 64, 1000, 4097):
+        assert sorted(FeistelPermutation(n, [5, 0])[0:n].tolist()) == list(range(n))
+    a, b = FeistelPermutation(1000, [5, 0])[0:1000], FeistelPermutation(1000, [5, 1])[0:1000]
+    assert not np.array_equal(a, b) and np.array_equal(a, FeistelPermutation(1000, [5, 0])[0:1000])
+    big = FeistelPermutation(10**12, [1, 2])  # a trillion sequences: still a few keys
+    x = big[np.arange(0, 10**12, 10**7)]
+    assert len(np.unique(x)) == len(x) and x.min() >= 0 and x.max() < 10**12
+
+
+def test_epoch_order_with_appends_matches_the_array_rule():
+    """EpochOrder computes, per position, what the loader used to build as an array: keep
+    the order before each append's cursor, permute the rest together with the new ids."""
+    from steelworks.train.data import EpochOrder
+    from steelworks.train.permutation import FeistelPermutation
+
+    appends = [{"cursor": 30, "known": 100}, {"cursor": 70, "known": 130}]
+    total = 175
+    order = FeistelPermutation(100, [9, 2])[0:100]
+    for k, (a, end) in enumerate(zip(appends, [130, total]), start=1):
+        rest = np.concatenate([order[a["cursor"]:], np.arange(a["known"], end)])
+        order = np.concatenate([order[:a["cursor"]],
+                                rest[FeistelPermutation(len(rest), [9, 2, k])[0:len(rest)]]])
+    got = EpochOrder(9, 2, appends, total)
+    assert np.array_equal(got[0:total], order) and np.array_equal(got[40:90], order[40:90])
+    assert sorted(order.tolist()) == list(range(total))

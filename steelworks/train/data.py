@@ -12,7 +12,8 @@ remainder is shuffled together with the new sequences (seeded by the append's in
 Sequences already trained on are never repeated in the epoch, and every new one comes
 exactly once. The next epoch is a fresh permutation of everything. The state is the
 shard list (with content hashes), the seed, the epoch, the cursor and the appends of the
-current epoch: a few integers, however large the corpus.
+current epoch: a few integers, however large the corpus. The order itself is computed, not
+stored (``EpochOrder``, a keyed Feistel permutation): memory does not grow with the corpus.
 
 Packed SFT rows carry segment ids (``.seg``): position ids restart at every sample, which
 makes ``transformers`` build a block-diagonal causal mask (SDPA) or varlen calls
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from steelworks.data.shards import ShardIndex, ShardInfo, open_segments, open_shard, verify_shard
+from steelworks.train.permutation import FeistelPermutation
 
 
 @dataclass
@@ -76,6 +78,46 @@ def _open_sets(directories: Sequence[str | Path]) -> list[_Shard]:
     return shards
 
 
+class EpochOrder:
+    """Position in the epoch -> global sequence id, computed on demand (O(appends) memory).
+
+    Without appends it is one keyed permutation of all sequences (``permutation.py``). The
+    k-th append (``{"cursor", "known"}``) keeps positions before its cursor, and spreads
+    what was left of the previous order together with the new ids ``known..end`` over the
+    rest with its own permutation: position ``p >= cursor`` takes entry ``q = P_k(p - cursor)``
+    of that remainder, which is either the previous order's position ``cursor + q`` or the
+    new id ``known + q - (known - cursor)``. This is the same rule the loader applied to a
+    stored array before; an order is now a few keys, not 8 bytes per sequence."""
+
+    def __init__(self, seed: int, epoch: int, appends: Sequence[dict[str, int]], total: int) -> None:
+        first = appends[0]["known"] if appends else total
+        self.base = FeistelPermutation(first, [seed, epoch])
+        bounds = [a["known"] for a in appends[1:]] + [total]
+        self.levels = [(a["cursor"], a["known"], FeistelPermutation(end - a["cursor"], [seed, epoch, k]))
+                       for k, (a, end) in enumerate(zip(appends, bounds), start=1)]
+        self.total = total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, where: slice) -> np.ndarray:
+        p = np.arange(*where.indices(self.total), dtype=np.int64)
+        out = np.empty_like(p)
+        todo = np.ones(len(p), dtype=bool)
+        for cursor, known, perm in reversed(self.levels):
+            moved = todo & (p >= cursor)
+            if moved.any():
+                q = perm[p[moved] - cursor]
+                new = q >= known - cursor
+                idx = np.flatnonzero(moved)
+                out[idx[new]] = known + q[new] - (known - cursor)
+                todo[idx[new]] = False
+                p[idx[~new]] = cursor + q[~new]
+        if todo.any():
+            out[todo] = self.base[p[todo]]
+        return out
+
+
 class PackedLoader:
     def __init__(self, directories: str | Path | Sequence[str | Path], rank: int, world: int,
                  micro_batch: int, grad_accum: int, seed: int) -> None:
@@ -117,17 +159,9 @@ class PackedLoader:
     def steps_per_epoch(self) -> int:
         return len(self) // self.global_batch
 
-    def _epoch_order(self) -> np.ndarray:
+    def _epoch_order(self) -> EpochOrder:
         """The epoch's sequence order, replaying its appends (see the module docstring)."""
-        if not self.appends:
-            return np.random.default_rng([self.seed, self.epoch]).permutation(len(self))
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.appends[0]["known"])
-        bounds = [a["known"] for a in self.appends[1:]] + [len(self)]
-        for k, (a, end) in enumerate(zip(self.appends, bounds), start=1):
-            rest = np.concatenate([order[a["cursor"]:], np.arange(a["known"], end)])
-            order = np.concatenate([order[:a["cursor"]],
-                                    np.random.default_rng([self.seed, self.epoch, k]).permutation(rest)])
-        return order
+        return EpochOrder(self.seed, self.epoch, self.appends, len(self))
 
     def _row(self, i: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
