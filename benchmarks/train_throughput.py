@@ -117,12 +117,16 @@ def attention(device: str) -> str:
 
 
 def run_steelworks(args: argparse.Namespace, size: str, tok_dir: Path, data_dir: Path,
-                   init_dir: Path) -> dict[str, Any]:
+                   init_dir: Path, ckpt_every: int = 0, async_ckpt: bool | None = None,
+                   tag: str = "steelworks") -> dict[str, Any]:
     from steelworks.platform.config import to_dict
     from steelworks.train.driver import run_training
 
     cfg = train_config(args, size)
-    out = WORK / "runs" / size / "steelworks"
+    cfg.ckpt_every = ckpt_every
+    if async_ckpt is not None:
+        cfg.async_checkpoint = async_ckpt
+    out = WORK / "runs" / size / tag
     shutil.rmtree(out, ignore_errors=True)  # the loop resumes from any checkpoint it finds
     job = {"task": "pretrain", "train": to_dict(cfg), "tokenizer_dir": str(tok_dir),
            "data_dir": str(data_dir), "out_dir": str(out), "init_from": str(init_dir)}
@@ -259,6 +263,42 @@ def _version(module: str) -> str | None:
     return getattr(__import__(module), "__version__", "?")
 
 
+def save_cost(args: argparse.Namespace, tok_dir: Path, data_dir: Path, tok: Any) -> dict[str, Any]:
+    """The step-time cost of a checkpoint save, synchronous against asynchronous
+    (``train.async_checkpoint``): the same timed steps without mid-run saves, then with one
+    every ``--save-every`` steps each way; cost per save = extra seconds / number of saves.
+    Interleaved over ``--repeats``; the fastest run of each counts."""
+    from steelworks.train.models import build_hf_config
+
+    out: dict[str, Any] = {}
+    for size in args.sizes:
+        hf_config = build_hf_config(train_config(args, size).model, len(tok), tok.pad_token_id,
+                                    tok.eos_token_id)
+        init_dir = save_initial_model(hf_config, 0, WORK / "runs" / size / "init")
+        # saves inside the timed window (steps warmup+1 .. warmup+steps), the last one excluded
+        saves = len([s for s in range(args.warmup + 1, args.warmup + args.steps)
+                     if s % args.save_every == 0])
+        modes = {"no save": (0, None), "sync": (args.save_every, False), "async": (args.save_every, True)}
+        runs: dict[str, list[float]] = {m: [] for m in modes}
+        for rep in range(args.repeats):
+            for mode, (every, use_async) in modes.items():
+                print(f"--- {size}: save cost, {mode} ({rep + 1}/{args.repeats})", file=sys.stderr, flush=True)
+                r = run_steelworks(args, size, tok_dir, data_dir, init_dir, every, use_async,
+                                   tag=f"save-{mode.replace(' ', '-')}")
+                runs[mode].append(r["seconds"])
+        shutil.rmtree(init_dir, ignore_errors=True)
+        best = {m: min(v) for m, v in runs.items()}
+        step = best["no save"] / args.steps
+        row = {"saves": saves, "step_s": step, "seconds": best, "all_seconds": runs}
+        for mode in ("sync", "async"):
+            row[f"{mode}_s_per_save"] = (best[mode] - best["no save"]) / max(saves, 1)
+        out[size] = row
+        print(f"{size}: step {step * 1e3:.1f} ms; per save: sync {row['sync_s_per_save'] * 1e3:.1f} ms, "
+              f"async {row['async_s_per_save'] * 1e3:.1f} ms ({saves} saves in {args.steps} steps)",
+              flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["tiny", "demo"], help="steelworks.train.models sizes")
@@ -274,6 +314,11 @@ def main() -> None:
     ap.add_argument("--no-padded", action="store_true", help="skip the unpacked HF baseline")
     ap.add_argument("--repeats", type=int, default=1, help="runs per side, interleaved; the "
                     "fastest counts (for busy machines)")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also measure the step-time cost of a checkpoint save every N steps, "
+                         "synchronous vs asynchronous (train.async_checkpoint)")
+    ap.add_argument("--save-cost-only", action="store_true",
+                    help="with --save-every: skip the throughput comparison")
     args = ap.parse_args()
     if min(args.warmup, args.steps, args.repeats) < 1:
         ap.error("--warmup, --steps and --repeats must be >= 1")
@@ -300,7 +345,7 @@ def main() -> None:
 
     results: dict[str, Any] = {"command": command, "machine": machine_info(args.device),
                                "peak_flops": peak, "vocab": len(tok), "args": vars(args), "sizes": {}}
-    for size in args.sizes:
+    for size in ([] if args.save_cost_only else args.sizes):
         hf_config = build_hf_config(train_config(args, size).model, len(tok), tok.pad_token_id,
                                     tok.eos_token_id)
         fpt = flops_per_token(hf_config, args.seq_len - 1)
@@ -327,6 +372,9 @@ def main() -> None:
             r["steelworks_over_this"] = sw / r["tokens_per_s"]
         results["sizes"][size] = rows
     atomic_write_json(WORK / "results.json", results)
+    if args.save_every:
+        results["save_cost"] = save_cost(args, tok_dir, data_dir, tok)
+        atomic_write_json(WORK / "results.json", results)
 
     m = results["machine"]
     print(f"\n{command}\n{m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch_threads']} torch "

@@ -97,7 +97,7 @@ def _new_rank(rank: int, world: int, init: str, ckpt: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     Path(out, f"started{rank}").write_text("")
     with contextlib.ExitStack() as stack:
-        chosen = agree_resume_point(Path(ckpt), {}, rank, stack)
+        chosen, _ = agree_resume_point(Path(ckpt), {}, rank, stack)
     Path(out, f"rank{rank}.txt").write_text(str(chosen))
     dist.destroy_process_group()
 

@@ -108,9 +108,9 @@ def test_stop_and_resume_gives_identical_losses(demo_data, tmp_path):
     job, cfg = _job(demo_data, straight, ckpt_every=4)
     run_training(job, cfg, use_ray=False)
     # Interrupted: the same run killed (hard, no cleanup) right after step 6, resumed from
-    # the checkpoint at step 4.
+    # the checkpoint at step 4 (saved synchronously: an async one commits when it is done).
     broken = tmp_path / "broken"
-    job, cfg = _job(demo_data, broken, ckpt_every=4)
+    job, cfg = _job(demo_data, broken, ckpt_every=4, async_checkpoint=False)
     code = _run_in_subprocess({**job, "fault": {"phase": "step", "step": 6, "marker": str(tmp_path / "m1")}})
     assert code == 17 and (broken / "checkpoints" / "step_00000004").is_dir()
     run_training(job, cfg, use_ray=False)
@@ -130,6 +130,27 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(demo_data, tmp_path):
     summary = run_training(job, cfg, use_ray=False)  # resumes from step 4 and finishes
     assert summary["final_step"] == 12
     assert not (ckpts / "step_00000008.tmp").exists() and (ckpts / "step_00000012").is_dir()
+
+
+def test_async_save_killed_in_flight_resumes_from_the_previous_checkpoint(demo_data, tmp_path):
+    """Checkpoints written in the background (train.async_checkpoint; the default on CUDA): a
+    run killed while the step-8 save is being written resumes from step 4, and its losses
+    equal an uninterrupted run's."""
+    from steelworks.train.checkpoint import latest_checkpoint
+
+    straight = tmp_path / "straight"
+    job, cfg = _job(demo_data, straight, ckpt_every=4, async_checkpoint=True)
+    run_training(job, cfg, use_ray=False)
+    broken = tmp_path / "broken"
+    job, cfg = _job(demo_data, broken, ckpt_every=4, async_checkpoint=True)
+    fault = {"phase": "save_inflight", "step": 8, "marker": str(tmp_path / "m")}
+    assert _run_in_subprocess({**job, "fault": fault}) == 17
+    ckpts = broken / "checkpoints"
+    assert (ckpts / "step_00000008.tmp").is_dir() and not (ckpts / "step_00000008").exists()
+    assert latest_checkpoint(ckpts).name == "step_00000004"
+    run_training(job, cfg, use_ray=False)
+    assert _losses(broken) == _losses(straight)
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000008", "step_00000012"]
 
 
 def _run_in_subprocess(job: dict) -> int:
@@ -311,11 +332,15 @@ def test_ray_two_workers_match_one_process_and_survive_a_killed_worker(demo_data
     run_training(job, cfg, use_ray=False)
 
     two = tmp_path / "two"
-    job, cfg = _job(demo_data, two, micro_batch_size=2, num_workers=2, ckpt_every=4, max_failures=1)
+    job, cfg = _job(demo_data, two, micro_batch_size=2, num_workers=2, ckpt_every=4, max_failures=2)
     marker = tmp_path / "killed"
-    job["fault"] = {"phase": "step", "step": 6, "rank": 1, "marker": str(marker)}
+    # Then rank 0 dies right after renaming the step-8 checkpoint, before reporting it: the
+    # restarted group resumes from it and reports it, so Ray prunes it like the others.
+    orphan = tmp_path / "orphan"
+    job["fault"] = [{"phase": "step", "step": 6, "rank": 1, "marker": str(marker)},
+                    {"phase": "committed", "step": 8, "rank": 0, "marker": str(orphan)}]
     summary = run_training(job, cfg, use_ray=True)
-    assert marker.exists(), "the worker was killed"
+    assert marker.exists() and orphan.exists(), "the workers were killed"
     assert summary["final_step"] == 12 and summary["world_size"] == 2
     np.testing.assert_allclose(_losses(two), _losses(one), rtol=2e-4)
     # Ray Train kept the newest keep_last=2 reported checkpoints, in place
@@ -361,9 +386,11 @@ def test_torchrun_two_ranks_resume_a_one_process_checkpoint(demo_data, tmp_path)
     job, cfg = _job(demo_data, straight, micro_batch_size=4, ckpt_every=4, max_steps=8)
     run_training(job, cfg, use_ray=False)
     mixed = tmp_path / "mixed"
-    job, cfg = _job(demo_data, mixed, micro_batch_size=4, ckpt_every=4, max_steps=8)
+    job, cfg = _job(demo_data, mixed, micro_batch_size=4, ckpt_every=4, max_steps=8,
+                    async_checkpoint=False)  # step 4 committed before the kill at step 5
     assert _run_in_subprocess({**job, "fault": {"phase": "step", "step": 5, "marker": str(tmp_path / "m")}}) == 17
     job["train"]["micro_batch_size"] = 2  # same global batch over 2 ranks
+    job["train"]["async_checkpoint"] = True  # the background writer on its own gloo group
     path = mixed / "job2.json"
     path.write_text(json.dumps(job))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -3,7 +3,8 @@ step, scheduler, data-loader state and per-rank RNG — everything needed to res
 
 Atomicity: a checkpoint is written to ``step_NNNNNNNN.tmp/`` and renamed to
 ``step_NNNNNNNN/`` by rank 0 only after every rank finished writing, so a crash mid-save
-leaves the previous checkpoint as the latest complete one. Only directories without
+leaves the previous checkpoint as the latest complete one. ``AsyncCheckpointer`` writes in
+the background while training continues, with the same rename marking completion. Only directories without
 ``.tmp`` count. HF export writes a standard ``save_pretrained`` directory the same way.
 """
 
@@ -86,7 +87,8 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict[str, Any],
-                    keep_last: int | None, before_commit: Callable[[], None] | None = None) -> Path:
+                    keep_last: int | None, before_commit: Callable[[], None] | None = None,
+                    after_commit: Callable[[], None] | None = None) -> Path:
     """Write ``step_NNNNNNNN/`` atomically; prune to the newest ``keep_last`` (None: the caller
     prunes, e.g. Ray Train's ``CheckpointConfig.num_to_keep``). ``before_commit`` runs after
     the data is written and before the rename (tests inject a crash there)."""
@@ -106,15 +108,101 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: di
         before_commit()
     _barrier()
     if rank == 0:
-        atomic_write_json(tmp / "meta.json", {"step": step, "world_size": world, **extra})
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if keep_last:
-            for old in sorted(p for p in ckpt_dir.glob("step_*") if not p.name.endswith(".tmp"))[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        _commit(ckpt_dir, step, tmp, {"step": step, "world_size": world, **extra}, keep_last)
+    if after_commit is not None:
+        after_commit()
     _barrier()
     return final
+
+
+def _commit(ckpt_dir: Path, step: int, tmp: Path, meta: dict[str, Any], keep_last: int | None) -> Path:
+    """Rank 0, after every rank finished writing ``tmp``: meta.json, the rename that marks the
+    checkpoint complete, and pruning to the newest ``keep_last``."""
+    final = ckpt_dir / f"step_{step:08d}"
+    atomic_write_json(tmp / "meta.json", meta)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if keep_last:
+        for old in sorted(p for p in ckpt_dir.glob("step_*") if not p.name.endswith(".tmp"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+class AsyncCheckpointer:
+    """Checkpoints written in the background while training goes on (DCP ``async_save``).
+
+    ``save`` stages a copy of the model and optimizer state in host memory (the only part
+    the step waits for) and returns; a thread writes it into ``step_N.tmp/``. Completion is
+    marked as before, by rank 0 renaming to ``step_N/`` once every rank has written, so a
+    crash while a save is in flight leaves the previous checkpoint the newest complete one.
+    ``poll`` (every step, every rank) commits a finished save; the ranks agree on "finished"
+    with one all-reduce, so they commit, and report to Ray, at the same step. At most one
+    save is in flight: the next ``save``, and ``wait``, first finish the one before.
+
+    The background thread's collectives run on a process group of their own (gloo: DCP's
+    async save needs a CPU backend), never on the training group the main thread uses."""
+
+    def __init__(self, ckpt_dir: str | Path, keep_last: int | None, device: torch.device) -> None:
+        self.ckpt_dir, self.keep_last, self.device = Path(ckpt_dir), keep_last, device
+        self.group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
+        self._pending: dict[str, Any] | None = None
+
+    def save(self, step: int, model, optimizer, extra: dict[str, Any],
+             before_commit: Callable[[], None] | None = None,
+             after_launch: Callable[[], None] | None = None,
+             after_commit: Callable[[], None] | None = None) -> Path | None:
+        """Start writing step ``step``; returns the previous save's directory if finishing it
+        here committed it. The hooks are for tests that kill the process: ``after_launch``
+        runs while the write is in flight, ``before_commit``/``after_commit`` around the
+        rename when it is committed."""
+        committed = self.wait()
+        rank, world = _dist()
+        tmp = self.ckpt_dir / f"step_{step:08d}.tmp"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
+                                process_group=self.group)
+        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+        atomic_write_json(tmp / f"rng_rank{rank}.json", {"torch": rng})
+        # What meta.json will say, fixed now: the loader and scheduler move on meanwhile.
+        meta = json.loads(json.dumps({"step": step, "world_size": world, **extra}))
+        self._pending = {"step": step, "tmp": tmp, "future": future, "meta": meta,
+                         "before_commit": before_commit, "after_commit": after_commit}
+        if after_launch is not None:
+            after_launch()
+        return committed
+
+    def poll(self) -> Path | None:
+        """Commit the save in flight if every rank has finished writing it (no waiting)."""
+        if self._pending is None:
+            return None
+        done = torch.tensor([1 if self._pending["future"].done() else 0], device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return self._finish() if int(done.item()) else None
+
+    def wait(self) -> Path | None:
+        """Finish and commit the save in flight, if any; returns its directory."""
+        return self._finish() if self._pending is not None else None
+
+    def _finish(self) -> Path:
+        p, self._pending = self._pending, None
+        p["future"].result()  # a failed write raises here, and the checkpoint stays .tmp
+        if p["before_commit"] is not None:
+            p["before_commit"]()
+        _barrier()
+        rank, _ = _dist()
+        final = self.ckpt_dir / f"step_{p['step']:08d}"
+        if rank == 0:
+            _commit(self.ckpt_dir, p["step"], p["tmp"], p["meta"], self.keep_last)
+        if p["after_commit"] is not None:
+            p["after_commit"]()
+        _barrier()
+        return final
 
 
 def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from steelworks.kernels.patch import fused_ce_enabled, loss_targets, patch_model
 from steelworks.platform.config import from_dict
 from steelworks.train.checkpoint import (
+    AsyncCheckpointer,
     export_hf,
     latest_checkpoint,
     load_checkpoint,
@@ -104,16 +106,19 @@ def _num_samples(batch: Batch) -> int:
 def _fault(job: dict[str, Any], phase: str, step: int, rank: int) -> None:
     """Test hook: die like a killed process (no cleanup) once, at a given step and phase.
 
-    ``job["fault"] = {"phase": "step"|"save", "step": N, "rank": R, "marker": path}``; the
-    marker file makes it fire only in the first attempt, so a restarted run goes through."""
-    f = job.get("fault")
-    if not f or f["phase"] != phase or f["step"] != step or f.get("rank", 0) != rank:
-        return
-    marker = Path(f["marker"])
-    if marker.exists():
-        return
-    marker.write_text(f"{phase} at step {step} on rank {rank}\n")
-    os._exit(17)
+    ``job["fault"] = {"phase", "step": N, "rank": R, "marker": path}`` (or a list of them).
+    Phases: ``step`` (after the optimizer step), ``save_inflight`` (an async save's write in
+    flight), ``save`` (written, not yet renamed), ``committed`` (renamed, not yet reported to
+    Ray). The marker file makes each fire only once, so a restarted run goes through."""
+    faults = job.get("fault") or []
+    for f in faults if isinstance(faults, list) else [faults]:
+        if f["phase"] != phase or f["step"] != step or f.get("rank", 0) != rank:
+            continue
+        marker = Path(f["marker"])
+        if marker.exists():
+            continue
+        marker.write_text(f"{phase} at step {step} on rank {rank}\n")
+        os._exit(17)
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -125,34 +130,45 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
 
 
-def _resume_point(ckpt_dir: Path, job: dict[str, Any]) -> Path | None:
-    """The newest complete checkpoint: Ray Train's last reported one (what a restart after a
-    worker failure is handed) or a newer complete one on disk, whichever is later."""
+def _resume_point(ckpt_dir: Path, job: dict[str, Any]) -> tuple[Path | None, Path | None]:
+    """(the newest complete checkpoint, the one Ray Train last had reported): Ray's (what a
+    restart after a worker failure is handed) or a newer complete one on disk, whichever is
+    later."""
     found = latest_checkpoint(ckpt_dir)
+    reported = None
     if job.get("ray"):
         import ray.train
 
-        reported = ray.train.get_checkpoint()
-        if reported is not None and (found is None or Path(reported.path).name > found.name):
-            found = Path(reported.path)
-    return found
+        ckpt = ray.train.get_checkpoint()
+        reported = Path(ckpt.path) if ckpt is not None else None
+        if reported is not None and (found is None or reported.name > found.name):
+            found = reported
+    return found, reported
 
 
 def agree_resume_point(ckpt_dir: Path, job: dict[str, Any], rank: int,
-                       stack: contextlib.ExitStack) -> Path | None:
-    """The checkpoint every rank resumes from, chosen once. Rank 0 first takes ``run_lock``
-    (held on ``stack`` until the loop ends), so a dying worker of an earlier run has stopped
-    renaming and pruning; then it picks and broadcasts. Ranks scanning the directory each on
-    their own could pick different steps while that worker still wrote, and hang on a
-    mismatched collective or mix weights of two steps."""
+                       stack: contextlib.ExitStack) -> tuple[Path | None, bool]:
+    """(the checkpoint every rank resumes from, whether Ray Train has yet to be told of it),
+    chosen once. Rank 0 first takes ``run_lock`` (held on ``stack`` until the loop ends), so a
+    dying worker of an earlier run has stopped renaming and pruning; then it removes the
+    ``.tmp`` leftovers of saves that never completed, picks, and broadcasts. Ranks scanning
+    the directory each on their own could pick different steps while that worker still
+    wrote, and hang on a mismatched collective or mix weights of two steps.
+
+    A checkpoint renamed but not reported (the process died in between) is unknown to Ray
+    Train, which prunes only what was reported: it would stay forever. The loop reports the
+    resume point when it is such a one, so Ray prunes it in turn."""
+    chosen: list[Any] = [None, False]
     if rank == 0:
         stack.enter_context(run_lock(ckpt_dir))
-        chosen = [str(p) if (p := _resume_point(ckpt_dir, job)) is not None else None]
-    else:
-        chosen = [None]
+        for tmp in ckpt_dir.glob("step_*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        path, reported = _resume_point(ckpt_dir, job)
+        chosen = [str(path) if path is not None else None,
+                  bool(job.get("ray")) and path is not None and path != reported]
     if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
-    return Path(chosen[0]) if chosen[0] is not None else None
+    return (Path(chosen[0]) if chosen[0] is not None else None), bool(chosen[1])
 
 
 def train_loop(job: dict[str, Any]) -> dict[str, Any]:
@@ -220,7 +236,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     ckpt_dir = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
     step = 0
-    resume = agree_resume_point(ckpt_dir, job, rank, stack)
+    resume, adopt = agree_resume_point(ckpt_dir, job, rank, stack)
     if resume is not None:
         meta = load_checkpoint(resume, model, optimizer)
         step = meta["step"]
@@ -246,6 +262,8 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
                          wandb_project=cfg.wandb_project, run_name=job.get("task", "train"),
                          config=job["train"])
     report = _reporter(job)
+    if adopt:  # renamed by a run that died before reporting it (agree_resume_point)
+        report({"step": step}, resume)
 
     fpt = flops_per_token(hf_config, loader.index.seq_len - 1)
     peak = peak_flops(device.type) * world
@@ -256,6 +274,10 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
         progress = tqdm(total=total_steps, initial=step, desc=job.get("task", "train"),
                         unit="step", file=sys.stderr, dynamic_ncols=True)
     last: dict[str, Any] = {}
+    # Under Ray Train, CheckpointConfig(num_to_keep) prunes what was reported.
+    keep_last = None if job.get("ray") else cfg.keep_last
+    use_async = cfg.async_checkpoint if cfg.async_checkpoint is not None else device.type == "cuda"
+    checkpointer = AsyncCheckpointer(ckpt_dir, keep_last, device) if use_async else None
     t_log, tokens_since = time.perf_counter(), 0
     # The logged loss averages the whole log window (one batch alone is too noisy to read).
     window_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -310,17 +332,29 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
             if progress is not None:
                 progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             t_log, tokens_since = time.perf_counter(), 0
-        saved = None
+        # Checkpoints committed this step (an async save finishes a later step than it
+        # started); each is reported to Ray Train with this step's metrics.
+        saved: list[Path] = []
+        if checkpointer is not None and (done := checkpointer.poll()) is not None:
+            saved.append(done)
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total_steps:
-            saved = save_checkpoint(
-                ckpt_dir, step, model, optimizer,
-                {"scheduler": scheduler.state_dict(), "schedule": schedule.state(),
-                 "loader": loader.state_dict(), "config": job["train"]},
-                # Under Ray Train, CheckpointConfig(num_to_keep) prunes what was reported.
-                keep_last=None if job.get("ray") else cfg.keep_last,
-                before_commit=functools.partial(_fault, job, "save", step, rank))
-        if row is not None or saved is not None:
-            report(row or {"step": step}, saved)
+            extra = {"scheduler": scheduler.state_dict(), "schedule": schedule.state(),
+                     "loader": loader.state_dict(), "config": job["train"]}
+            hooks = {"before_commit": functools.partial(_fault, job, "save", step, rank),
+                     "after_commit": functools.partial(_fault, job, "committed", step, rank)}
+            if checkpointer is not None:
+                inflight = functools.partial(_fault, job, "save_inflight", step, rank)
+                if (done := checkpointer.save(step, model, optimizer, extra, after_launch=inflight, **hooks)):
+                    saved.append(done)
+                if step == total_steps and (done := checkpointer.wait()) is not None:
+                    saved.append(done)
+            else:
+                saved.append(save_checkpoint(ckpt_dir, step, model, optimizer, extra,
+                                             keep_last=keep_last, **hooks))
+        if row is not None and not saved:
+            report(row, None)
+        for i, ckpt in enumerate(saved):
+            report((row or {"step": step}) if i == len(saved) - 1 else {"step": step}, ckpt)
     if progress is not None:
         progress.close()
     export_hf(model, hf_config, job["tokenizer_dir"], out_dir / "hf")
