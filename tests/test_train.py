@@ -108,9 +108,9 @@ def test_stop_and_resume_gives_identical_losses(demo_data, tmp_path):
     job, cfg = _job(demo_data, straight, ckpt_every=4)
     run_training(job, cfg, use_ray=False)
     # Interrupted: the same run killed (hard, no cleanup) right after step 6, resumed from
-    # the checkpoint at step 4 (saved synchronously: an async one commits when it is done).
+    # the checkpoint at step 4.
     broken = tmp_path / "broken"
-    job, cfg = _job(demo_data, broken, ckpt_every=4, async_checkpoint=False)
+    job, cfg = _job(demo_data, broken, ckpt_every=4)
     code = _run_in_subprocess({**job, "fault": {"phase": "step", "step": 6, "marker": str(tmp_path / "m1")}})
     assert code == 17 and (broken / "checkpoints" / "step_00000004").is_dir()
     run_training(job, cfg, use_ray=False)
@@ -386,8 +386,7 @@ def test_torchrun_two_ranks_resume_a_one_process_checkpoint(demo_data, tmp_path)
     job, cfg = _job(demo_data, straight, micro_batch_size=4, ckpt_every=4, max_steps=8)
     run_training(job, cfg, use_ray=False)
     mixed = tmp_path / "mixed"
-    job, cfg = _job(demo_data, mixed, micro_batch_size=4, ckpt_every=4, max_steps=8,
-                    async_checkpoint=False)  # step 4 committed before the kill at step 5
+    job, cfg = _job(demo_data, mixed, micro_batch_size=4, ckpt_every=4, max_steps=8)
     assert _run_in_subprocess({**job, "fault": {"phase": "step", "step": 5, "marker": str(tmp_path / "m")}}) == 17
     job["train"]["micro_batch_size"] = 2  # same global batch over 2 ranks
     job["train"]["async_checkpoint"] = True  # the background writer on its own gloo group
