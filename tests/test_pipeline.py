@@ -199,6 +199,8 @@ def test_train_checkpoints_survive_every_change(run, caplog):
         run_pretrain(new_lr)
     assert "optim.lr: 0.0003 -> 0.0001" in str(err.value) and "--restart" in str(err.value)
     assert state() == start
+    # A refusal changes nothing at all: the stage is still up to date with its own config.
+    assert run_pretrain(cfg)["ended_at"] == resumed["ended_at"]
     # --restart wipes (in the log) and trains from step 0 with the new learning rate.
     caplog.clear()
     with caplog.at_level("WARNING", logger="steelworks"):

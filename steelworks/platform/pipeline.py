@@ -224,9 +224,11 @@ def _run_train_stage(cfg: PipelineConfig, name: str, force: bool, restart: bool 
     stage = _open(cfg, name, to_dict(tcfg), inputs)
     # --force re-runs a train stage from its checkpoints (a finished one just exports again);
     # only --restart starts it over.
-    if _skip(stage, force or restart):
+    if not (force or restart) and stage.is_current():
+        log.info("stage %s is up to date (%s); skipping (--force re-runs)", name, stage.dir)
         return read_manifest(stage.dir)
-    _settle_resume(stage, name, tcfg, restart)
+    _settle_resume(stage, name, tcfg, restart)  # before invalidating: a refusal changes nothing
+    stage.invalidate()
     tok_dir = stage.inputs["tokenizer"]
     job = {"task": name, "train": to_dict(tcfg), "tokenizer_dir": str(tok_dir / "tokenizer"),
            "data_dir": str(tok_dir / "shards" / ("pretrain" if name == "pretrain" else "sft")),
