@@ -201,14 +201,15 @@ def test_exported_model_loads_in_transformers_and_generates(straight_run):
 def test_meta_init_is_the_same_for_any_sharding(demo_data):
     """Per-parameter seeded init: the weights do not depend on how they were materialized."""
     from steelworks.train.config import ModelConfig
-    from steelworks.train.models import build_hf_config, build_model
+    from steelworks.train.model import build_decoder
+    from steelworks.train.models import decoder_config
     from steelworks.train.parallelize import materialize
 
     tok = demo_data["tok"]
-    hf = build_hf_config(ModelConfig(size="tiny"), len(tok), tok.pad_token_id, tok.eos_token_id)
-    a = materialize(build_model(hf, device="meta"), torch.device("cpu"), seed=1)
-    b = materialize(build_model(hf, device="meta"), torch.device("cpu"), seed=1)
-    c = materialize(build_model(hf, device="meta"), torch.device("cpu"), seed=2)
+    cfg = decoder_config(ModelConfig(size="tiny"), len(tok), tok.pad_token_id, tok.eos_token_id)
+    a = materialize(build_decoder(cfg, "meta"), torch.device("cpu"), seed=1)
+    b = materialize(build_decoder(cfg, "meta"), torch.device("cpu"), seed=1)
+    c = materialize(build_decoder(cfg, "meta"), torch.device("cpu"), seed=2)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["model.layers.0.mlp.up_proj.weight"], sc["model.layers.0.mlp.up_proj.weight"])

@@ -7,12 +7,11 @@
   (``cross_entropy``), and the fused LM head + loss that never builds the [tokens x vocab]
   logits (``fused_linear_cross_entropy``)
 
-``patch.patch_model(model, kernels, device)`` swaps them into a Qwen2/Llama model
-(``train.kernels``). They need CUDA; on CPU they run only in Triton's interpreter
+Our decoder (``train/model.py``) calls them where ``train.kernels`` names them
+(``Decoder.use_kernels``). They need CUDA; on CPU they run only in Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the tests check them.
 """
 
-# The names ``train.kernels`` accepts, here rather than in ``patch`` so that validating a
-# config does not import torch (seconds on every CLI call, and transformers' tokenizer
-# import then pulls in its torch modules too).
+# The names ``train.kernels`` accepts, here so that validating a config does not import
+# torch (seconds on every CLI call).
 KERNELS = ("rmsnorm", "rope", "swiglu", "ce")

@@ -255,6 +255,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check(labels, label_smoothing)
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        # As autocast runs a linear layer: both operands in its dtype (the GEMMs here are
+        # explicit, and mixing a bf16 product into fp32 buffers would fail). The casts are
+        # differentiable, so fp32 parameters still get their gradients.
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return fused_linear_cross_entropy(hidden.to(dtype), weight.to(dtype), labels, token_weights,
+                                              ignore_index, label_smoothing, chunk_size)
     hidden = hidden.contiguous()
     labels = labels.long().contiguous()
     if token_weights is not None:

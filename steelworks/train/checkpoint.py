@@ -221,26 +221,16 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
     return meta
 
 
-def export_hf(model, hf_config, tokenizer_dir: str | Path, out_dir: str | Path) -> Path | None:
+def export_hf(model, cfg, tokenizer_dir: str | Path, out_dir: str | Path) -> Path | None:
     """Gather the full weights to rank 0 and write a standard HF directory (safetensors +
-    config + tokenizer), atomically. Other ranks return None."""
-    from steelworks.data.tokenizer import load_tokenizer
-    from steelworks.train.models import build_model
+    config + tokenizer, ``hf_io.to_hf``), atomically. Other ranks return None."""
+    from steelworks.train.hf_io import to_hf
 
     rank, _ = _dist()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         _barrier()
         return None
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    export = build_model(hf_config, device="meta")
-    export.load_state_dict({k: v.float() for k, v in full.items()}, assign=True)
-    export.tie_weights()
-    export.save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(tokenizer_dir).save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    out = to_hf({k: v.float() for k, v in full.items()}, cfg, out_dir, tokenizer_dir)
     _barrier()
-    return out_dir
+    return out

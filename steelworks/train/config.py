@@ -67,8 +67,9 @@ class TrainConfig:
     loss_avg: Literal["token", "sample"] = "token"
     activation_checkpointing: bool = False
     compile: bool = False
-    # Fused Triton kernels patched into the model (steelworks.kernels): any of rmsnorm, rope,
-    # swiglu, ce. Applied where Triton can run (CUDA); elsewhere a log line says why not.
+    # Fused Triton kernels in our model (steelworks.kernels, Decoder.use_kernels): any of
+    # rmsnorm, rope, swiglu, ce. Applied where Triton can run (CUDA); elsewhere a log line
+    # says why not.
     kernels: list[str] = field(default_factory=list)
     # More shard directories trained together with the stage's own; adding one to a run
     # that already has checkpoints appends it (see train/data.py).

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from steelworks.kernels.patch import fused_ce_enabled, loss_targets, patch_model
 from steelworks.platform.config import from_dict
 from steelworks.train.checkpoint import (
     AsyncCheckpointer,
@@ -68,7 +67,9 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
 def _loss_terms(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (sum of per-token CE, sum over samples of each sample's mean CE) for a micro batch.
 
-    A sample is a row, or a packed sample (segment) when the batch has ``sample_ids``."""
+    A sample is a row, or a packed sample (segment) when the batch has ``sample_ids``. The
+    definition of the two losses; the loop computes them as ``sum(w * CE)`` with
+    ``_token_weights`` (tests/test_train.py checks that the two agree)."""
     labels = batch.labels.to(logits.device)
     ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                          ignore_index=-100, reduction="none").view(labels.shape)
@@ -179,13 +180,9 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
 
 def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, Any]:
     from steelworks.data.tokenizer import load_tokenizer
-    from steelworks.train.models import (
-        attention_implementation,
-        build_hf_config,
-        build_model,
-        count_params,
-        load_model,
-    )
+    from steelworks.train.hf_io import from_hf, hf_config
+    from steelworks.train.model import build_decoder
+    from steelworks.train.models import count_params, decoder_config
 
     cfg = from_dict(TrainConfig, job["train"])
     out_dir = Path(job["out_dir"])
@@ -196,24 +193,21 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     torch.manual_seed(cfg.seed)
 
     tok = load_tokenizer(job["tokenizer_dir"])
-    attn = attention_implementation(device)
     if job.get("init_from"):
         # Fine-tuning: every rank loads the same HF checkpoint, then FSDP2 shards it.
-        model = load_model(job["init_from"], attn_implementation=attn).to(device)
-        hf_config = model.config
+        model = from_hf(job["init_from"], device)
         n_params = count_params(model)
         model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
                             compile=cfg.compile)
     else:
         # From scratch: built on meta, sharded, then only each rank's shard is allocated.
-        hf_config = build_hf_config(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id)
-        model = build_model(hf_config, device="meta", attn_implementation=attn)
+        model = build_decoder(decoder_config(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id), "meta")
         n_params = count_params(model)
         model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
                             compile=cfg.compile)
         materialize(model, device, cfg.seed)
-    kernels = patch_model(model, cfg.kernels, device)
-    fused_ce = fused_ce_enabled(model)
+    model_cfg = model.config
+    kernels = model.use_kernels(cfg.kernels, device)
     model.train()
 
     loader = PackedLoader([job["data_dir"], *cfg.extra_data], rank, world, cfg.micro_batch_size,
@@ -265,7 +259,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     if adopt:  # renamed by a run that died before reporting it (agree_resume_point)
         report({"step": step}, resume)
 
-    fpt = flops_per_token(hf_config, loader.index.seq_len - 1)
+    fpt = flops_per_token(hf_config(model_cfg), loader.index.seq_len - 1)
     peak = peak_flops(device.type) * world
     progress = None
     if rank == 0:
@@ -290,18 +284,12 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
         denom = g_tokens if cfg.loss_avg == "token" else g_samples
         for b in micro:
             pos = b.position_ids.to(device) if b.position_ids is not None else None
-            # use_cache=False: no KV cache in training, and transformers only derives the
-            # block-diagonal mask of packed rows from position ids when there is none.
-            inputs = dict(input_ids=b.input_ids.to(device), position_ids=pos, use_cache=False)
-            if fused_ce:  # the LM head returns sum(w * CE) itself; no logits are made
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
-                        loss_targets(model, b.labels.to(device), _token_weights(b, cfg.loss_avg).to(device)):
-                    part = model(**inputs).logits.sum()
-            else:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(**inputs).logits
-                tok_sum, sample_sum = _loss_terms(logits, b)
-                part = tok_sum if cfg.loss_avg == "token" else sample_sum
+            # The model returns sum(w * CE) over the micro batch; the weights make it the
+            # per-token or per-sample loss (``_token_weights``), with or without the fused
+            # LM head (train.kernels "ce": then the logits never exist).
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                part = model(b.input_ids.to(device), position_ids=pos, labels=b.labels.to(device),
+                             loss_weights=_token_weights(b, cfg.loss_avg).to(device))
             # FSDP averages gradients over ranks: scale the local sum so the result is the
             # exact global mean.
             (part * world / max(denom, 1)).backward()
@@ -357,7 +345,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
             report((row or {"step": step}) if i == len(saved) - 1 else {"step": step}, ckpt)
     if progress is not None:
         progress.close()
-    export_hf(model, hf_config, job["tokenizer_dir"], out_dir / "hf")
+    export_hf(model, model_cfg, job["tokenizer_dir"], out_dir / "hf")
     metrics.plot(out_dir / "loss.png", f"{job.get('task', 'train')} loss")
     metrics.close()
     summary = {"final_step": step, "params": n_params, "world_size": world, "kernels": kernels,

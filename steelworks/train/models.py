@@ -1,4 +1,5 @@
-"""Model registry: named sizes of Hugging Face causal-LM configs (Qwen2 and Llama families).
+"""Model registry: named sizes of our decoder (``train/model.py``, the Qwen2 and Llama
+families), as our config (``decoder_config``) or as the equivalent ``transformers`` config.
 
 Only architecture lives here (DESIGN principle 2): sharding, checkpointing, compilation
 and kernel patching are functions applied to the model elsewhere.
@@ -49,9 +50,24 @@ def resolve_shape(cfg: ModelConfig) -> dict[str, Any]:
     return shape
 
 
+def decoder_config(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None = None,
+                   eos_token_id: int | None = None):
+    """Our ``DecoderConfig`` (train/model.py) for ``cfg`` with the tokenizer's vocabulary."""
+    from steelworks.train.model import DecoderConfig
+
+    s = resolve_shape(cfg)
+    return DecoderConfig(
+        arch=cfg.arch, vocab_size=vocab_size, hidden_size=s["hidden_size"], num_layers=s["num_layers"],
+        num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], intermediate_size=s["intermediate_size"],
+        max_position_embeddings=s["max_position_embeddings"], rope_theta=float(s["rope_theta"]),
+        tie_word_embeddings=s["tie_word_embeddings"], rms_norm_eps=1e-6, pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id)
+
+
 def build_hf_config(cfg: ModelConfig, vocab_size: int, pad_token_id: int | None = None,
                     eos_token_id: int | None = None):
-    """A ``transformers`` config for ``cfg`` with the tokenizer's vocabulary."""
+    """A ``transformers`` config for ``cfg`` with the tokenizer's vocabulary (the same model
+    as ``decoder_config``; for the HF side of benchmarks and for inference fixtures)."""
     from transformers import LlamaConfig, Qwen2Config
 
     s = resolve_shape(cfg)

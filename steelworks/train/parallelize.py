@@ -23,8 +23,25 @@ from torch import nn
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of an HF causal LM (Llama/Qwen2: ``model.model.layers``)."""
+    """The repeated blocks of the decoder (``model.model.layers``, HF's naming)."""
     return list(model.model.layers)
+
+
+def _checkpoint_forward(layer: nn.Module) -> None:
+    """Recompute ``layer`` in backward instead of keeping its activations (non-reentrant
+    ``torch.utils.checkpoint``). Set on the instance's ``forward`` rather than by wrapping the
+    module, so parameter names, and with them checkpoints, do not change: a run may turn
+    activation checkpointing on or off and resume (train/resume.py)."""
+    import types
+
+    from torch.utils.checkpoint import checkpoint
+
+    inner = type(layer).forward
+
+    def forward(self, *args, **kwargs):
+        return checkpoint(inner, self, *args, use_reentrant=False, **kwargs)
+
+    layer.forward = types.MethodType(forward, layer)
 
 
 def parallelize(model: nn.Module, *, bf16: bool, activation_checkpointing: bool = False,
@@ -32,10 +49,8 @@ def parallelize(model: nn.Module, *, bf16: bool, activation_checkpointing: bool 
     """Shard with FSDP2 (``fully_shard`` per decoder layer, then the root) when a process group
     is up; otherwise return the model unchanged (one process)."""
     if activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in decoder_layers(model):
+            _checkpoint_forward(layer)
     if compile:
         for layer in decoder_layers(model):
             layer.compile()
@@ -80,7 +95,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
         first = getattr(shared[0][0], shared[0][1])
         for module, pname in shared[1:]:
             setattr(module, pname, first)
-    std = getattr(model.config, "initializer_range", 0.02)
+    std = model.config.initializer_range
     modules = dict(model.named_modules())
     for name, param in model.named_parameters():  # tied weights appear once
         module = modules[name.rsplit(".", 1)[0]] if "." in name else model
@@ -91,11 +106,9 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
             param.to_local().copy_(local.to_local())
         else:
             param.copy_(full)
-    # Non-persistent buffers (RoPE inverse frequencies) are neither parameters nor in the
-    # state dict: rebuild the module that owns them on CPU and take its buffers.
+    # The RoPE inverse frequencies are a non-persistent buffer, neither a parameter nor in
+    # the state dict: recompute them on the device.
     for module in model.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "config"):
-            fresh = type(module)(config=module.config)
-            for bname, buf in fresh.named_buffers(recurse=False):
-                setattr(module, bname, buf.to(device))
+        if hasattr(module, "reset_inv_freq"):
+            module.reset_inv_freq(device)
     return model
