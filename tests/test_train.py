@@ -487,3 +487,38 @@ def test_extending_a_finished_run_has_no_lr_jump(demo_data, tmp_path):
     floor = 1e-2 * cfg.optim.min_lr_ratio
     assert lrs[5] == pytest.approx(floor)  # the 6-step run ended at its floor
     assert all(lr == pytest.approx(floor) for lr in lrs[5:]), lrs  # and stays there: no jump
+
+
+def test_grad_accum_equals_a_larger_micro_batch(demo_data, tmp_path):
+    """grad_accum k over micro-batches of m sequences is one step over k*m sequences: one
+    process, and 2 FSDP2 ranks under torchrun, where the gradients are reduce-scattered once
+    per step (set_requires_gradient_sync), not once per micro-batch."""
+    big = tmp_path / "big"
+    job, cfg = _job(demo_data, big, micro_batch_size=4, max_steps=6)
+    run_training(job, cfg, use_ray=False)
+    accum = tmp_path / "accum"
+    job, cfg = _job(demo_data, accum, micro_batch_size=1, grad_accum=4, max_steps=6)
+    run_training(job, cfg, use_ray=False)
+    np.testing.assert_allclose(_losses(accum), _losses(big), rtol=1e-5)
+    ranks = tmp_path / "ranks"
+    job, _ = _job(demo_data, ranks, micro_batch_size=1, grad_accum=2, max_steps=6)
+    path = ranks / "job.json"
+    ranks.mkdir()
+    path.write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "steelworks.train.loop", str(path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(_losses(ranks), _losses(big), rtol=2e-4)
+
+
+def test_rng_state_round_trip():
+    from steelworks.train.checkpoint import restore_rng_state, rng_state
+
+    torch.manual_seed(5)
+    state = rng_state()
+    a = torch.rand(3)
+    torch.rand(7)
+    restore_rng_state(json.loads(json.dumps(state)))
+    assert torch.equal(torch.rand(3), a)
+    assert ("cuda" in state) == (torch.cuda.is_available() and torch.cuda.is_initialized())

@@ -102,8 +102,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: di
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
-    atomic_write_json(tmp / f"rng_rank{rank}.json", {"torch": rng})
+    atomic_write_json(tmp / f"rng_rank{rank}.json", rng_state())
     if before_commit is not None:
         before_commit()
     _barrier()
@@ -166,8 +165,7 @@ class AsyncCheckpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
                                 process_group=self.group)
-        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
-        atomic_write_json(tmp / f"rng_rank{rank}.json", {"torch": rng})
+        atomic_write_json(tmp / f"rng_rank{rank}.json", rng_state())
         # What meta.json will say, fixed now: the loader and scheduler move on meanwhile.
         meta = json.loads(json.dumps({"step": step, "world_size": world, **extra}))
         self._pending = {"step": step, "tmp": tmp, "future": future, "meta": meta,
@@ -216,9 +214,31 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
     meta = json.loads((path / "meta.json").read_text())
     rng_file = path / f"rng_rank{rank}.json"
     if rng_file.exists():
-        raw = base64.b64decode(json.loads(rng_file.read_text())["torch"])
-        torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        restore_rng_state(json.loads(rng_file.read_text()))
     return meta
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, str]:
+    """This rank's random number generators: the CPU one, and the current CUDA device's when
+    CUDA is in use (dropout and any sampling on the GPU draw from it)."""
+    state = {"torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
+    return state
+
+
+def restore_rng_state(state: dict[str, str]) -> None:
+    torch.set_rng_state(_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_tensor(state["cuda"]))
 
 
 def export_hf(model, cfg, tokenizer_dir: str | Path, out_dir: str | Path) -> Path | None:

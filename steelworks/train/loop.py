@@ -275,6 +275,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     t_log, tokens_since = time.perf_counter(), 0
     # The logged loss averages the whole log window (one batch alone is too noisy to read).
     window_sum = torch.zeros((), device=device, dtype=torch.float64)
+    no_sync_available = cfg.grad_accum > 1 and hasattr(model, "set_requires_gradient_sync")
     window_denom = 0.0
     while step < total_steps:
         micro = loader.next_step()
@@ -282,7 +283,11 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
                               dtype=torch.float64)
         g_tokens, g_samples = _all_reduce(counts.to(device)).tolist()
         denom = g_tokens if cfg.loss_avg == "token" else g_samples
-        for b in micro:
+        for i, b in enumerate(micro):
+            if no_sync_available:
+                # Reduce-scatter the gradients once per optimizer step, after the last micro
+                # batch, not after each (FSDP2 accumulates them unsharded meanwhile).
+                model.set_requires_gradient_sync(i == len(micro) - 1)
             pos = b.position_ids.to(device) if b.position_ids is not None else None
             # The model returns sum(w * CE) over the micro batch; the weights make it the
             # per-token or per-sample loss (``_token_weights``), with or without the fused
