@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 TORCH_WHEEL := $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl)
 TORCH_SRC   := $(if $(TORCH_WHEEL),--find-links /opt/wheels,--index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: demo test test-faults lint clean bench-data bench-dj-env browser
+.PHONY: demo test test-faults lint clean bench-data bench-dj-env browser gpu-check
 .DEFAULT_GOAL := demo
 
 $(BIN)/python:
@@ -69,6 +69,12 @@ test: $(VENV)/.dev browser
 # a Serve replica) and waits for the platform to recover.
 test-faults: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -m faults
+
+# On a lent GPU machine (torch, triton, transformers; no Ray, no venv): kernel tests on CUDA,
+# kernels vs eager and Liger, training tokens/s / MFU / memory for 100m and steel-1b, one JSON.
+# `python benchmarks/gpu_check.py --smoke` is its CPU check (tests/test_gpu_check.py).
+gpu-check:
+	python3 benchmarks/gpu_check.py
 
 $(VENV)/.bench: pyproject.toml $(VENV)/.base
 	$(BIN)/pip install -q -e '.[bench]'

@@ -5,6 +5,8 @@ interpreter on CPU)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from steelworks.train.model import build_decoder  # noqa: E402
 from steelworks.train.models import decoder_config  # noqa: E402
 
 pytestmark = pytest.mark.kernels
-DEVICE = torch.device("cpu")
+DEVICE = torch.device(os.environ.get("STEELWORKS_TEST_DEVICE", "cpu"))  # make gpu-check: cuda
 ALL = ["rmsnorm", "rope", "swiglu", "ce"]
 
 
@@ -31,7 +33,7 @@ def _pair(arch: str):
                 p.normal_(0.5 if p.shape[0] == cfg.hidden_size else 0.0, 0.1)
     b = build_decoder(cfg)
     b.load_state_dict(a.state_dict())
-    return a, b
+    return a.to(DEVICE), b.to(DEVICE)
 
 
 def _batch():
@@ -41,7 +43,7 @@ def _batch():
     labels = torch.randint(0, 300, (2, 11), generator=g)
     labels[0, :3] = -100
     weights = (labels != -100).float() / (labels != -100).sum()
-    return ids, pos, labels, weights
+    return ids.to(DEVICE), pos.to(DEVICE), labels.to(DEVICE), weights.to(DEVICE)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -74,7 +76,7 @@ def test_kernels_under_bf16_autocast_with_fp32_parameters(arch):
     ref, fused = _pair(arch)
     fused.use_kernels(ALL, DEVICE)
     ids, pos, labels, weights = _batch()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         expected = ref(ids, position_ids=pos, labels=labels, loss_weights=weights)
         got = fused(ids, position_ids=pos, labels=labels, loss_weights=weights)
     expected.backward()
@@ -99,7 +101,7 @@ def test_kernels_are_per_instance_and_explained(caplog, monkeypatch):
         fused.use_kernels(["rope"], DEVICE)
         calls = []
         monkeypatch.setattr(rope, "apply_rope", lambda *a: calls.append(1) or rope.apply_rope_reference(*a))
-        ids = torch.randint(2, 300, (1, 7))
+        ids = torch.randint(2, 300, (1, 7), device=DEVICE)
         with torch.no_grad():
             other(ids)
             assert calls == []
@@ -123,8 +125,8 @@ def test_train_loop_with_kernels_follows_the_same_curve(tiny_tokenizer_dir, tmp_
     from steelworks.train.config import OptimConfig, TrainConfig
     from steelworks.train.driver import run_training
 
-    if not can_run(DEVICE)[0]:
-        pytest.skip(can_run(DEVICE)[1])
+    if not can_run(DEVICE)[0] or DEVICE.type != "cpu":  # the loop's device comes from its config
+        pytest.skip(can_run(DEVICE)[1] or "a CPU run of the loop")
     vocab = len(load_tokenizer(tiny_tokenizer_dir))
     rows = np.random.default_rng(0).integers(0, vocab, size=(16, 33))
     mask = (np.arange(33)[None, :] % 5 != 0).astype(np.uint8).repeat(16, 0)  # some tokens masked out

@@ -107,8 +107,11 @@ class MetricsLog:
             return
         import io
 
-        import matplotlib
-
+        try:
+            import matplotlib
+        except ImportError:  # a bare GPU box (make gpu-check): the metrics are in metrics.jsonl
+            log.warning("matplotlib is not installed: no %s", out.name)
+            return
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
