@@ -144,6 +144,67 @@ def run_steelworks(args: argparse.Namespace, size: str, tok_dir: Path, data_dir:
             "params": summary["params"], "flops_per_token": summary["flops_per_token"]}
 
 
+def run_model_step(args: argparse.Namespace, size: str, init_dir: Path, data_dir: Path,
+                   which: str) -> dict[str, Any]:
+    """The model alone, ours or transformers', through one identical step: the loop's
+    loader, micro batches and AdamW (fused, decay on matrices only), loss = sum(w * CE) with
+    the loop's token weights. Same weights, rows and order for both; only the model differs
+    (the full loop adds logging, metrics and the schedule to ``steelworks``)."""
+    from steelworks.train.data import PackedLoader
+    from steelworks.train.hf_io import from_hf
+    from steelworks.train.loop import _token_weights
+
+    cfg, cuda = train_config(args, size), args.device == "cuda"
+    device = torch.device(args.device)
+    if which == "ours":
+        model = from_hf(init_dir, device)
+
+        def loss_of(b: Any, w: torch.Tensor) -> torch.Tensor:
+            return model(b.input_ids.to(device), labels=b.labels.to(device), loss_weights=w)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(init_dir), dtype=torch.float32, local_files_only=True,
+                                                     attn_implementation=attention(args.device)).to(device)
+
+        def loss_of(b: Any, w: torch.Tensor) -> torch.Tensor:
+            logits = model(input_ids=b.input_ids.to(device), use_cache=False).logits
+            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b.labels.to(device).flatten(),
+                                                   ignore_index=-100, reduction="none")
+            return (ce * w.flatten()).sum()
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.optim.lr,
+                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
+    loader = PackedLoader(data_dir, 0, 1, args.micro_batch, args.grad_accum, seed=0)
+    bf16 = cfg.precision == "bf16"
+    ends, tokens, losses = [], 0, []
+    for step in range(args.warmup + args.steps):
+        micro = loader.next_step()
+        denom = sum(b.num_targets for b in micro)
+        total = 0.0
+        for b in micro:
+            w = _token_weights(b, "token").to(device) / max(denom, 1)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_of(b, w)
+            loss.backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        ends.append(time.perf_counter())
+        losses.append(total)
+        if step >= args.warmup:
+            tokens += sum(int(b.num_targets) for b in micro)
+    seconds = ends[-1] - ends[args.warmup - 1]
+    return {"tokens_per_s": tokens / seconds, "seconds": seconds,
+            "loss_first_window": sum(losses[:args.warmup]) / args.warmup, "final_loss": losses[-1]}
+
+
 def make_timer(cuda: bool) -> Any:  # a TrainerCallback, defined once transformers is imported
     from transformers import TrainerCallback
 
@@ -351,7 +412,10 @@ def main() -> None:
         fpt = flops_per_token(hf_config, args.seq_len - 1)
         init_dir = save_initial_model(hf_config, 0, WORK / "runs" / size / "init")
         sides: dict[str, Callable[[], dict[str, Any]]] = {
-            "steelworks": partial(run_steelworks, args, size, tok_dir, data_dir, init_dir)}
+            "steelworks": partial(run_steelworks, args, size, tok_dir, data_dir, init_dir),
+            # the model alone, ours vs transformers', through one identical training step
+            "our-model-step": partial(run_model_step, args, size, init_dir, data_dir, "ours"),
+            "hf-model-step": partial(run_model_step, args, size, init_dir, data_dir, "hf")}
         if have_hf:
             sides["hf-trainer"] = partial(run_hf, args, size, init_dir, packed, default_data_collator,
                                           True, [args.micro_batch * (args.seq_len - 1)] * len(packed))
@@ -389,6 +453,10 @@ def main() -> None:
             label = side + (" (different workload: unpacked, non-pad tokens)" if side == "hf-padded" else "")
             print(f"| {size} | {label} | {r['tokens_per_s']:,.0f} | {r['mfu']:.3f} | "
                   f"{r['steelworks_over_this']:.2f}x | {r['loss_first_window']:.4f} |")
+    for size, rows in results["sizes"].items():
+        if "our-model-step" in rows and "hf-model-step" in rows:
+            print(f"{size}: our model / transformers' model, same step: "
+                  f"{rows['our-model-step']['tokens_per_s'] / rows['hf-model-step']['tokens_per_s']:.2f}x")
     print(f"\nresults: {WORK / 'results.json'}")
 
 
