@@ -75,6 +75,18 @@ def shaken_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return out
 
 
+def wait_idle(engine, timeout: float = 30.0) -> None:
+    """Block until ``engine`` has nothing running or waiting. Requests an earlier test
+    cancelled are released asynchronously (vLLM aborts them on its own event loop), and a test
+    that counts capacity must not start while they are still counted."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (s := engine.stats())["running"] + s["waiting"]:
+        assert time.monotonic() < deadline, f"the engine never drained: {s}"
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def uvicorn_in_thread(asgi_app):
     """Serve an ASGI app with a real uvicorn on a free port in a background thread; yields

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SHARED, cmmlu_dir, uvicorn_in_thread
+from conftest import SHARED, cmmlu_dir, uvicorn_in_thread, wait_idle
 from fastapi.testclient import TestClient
 from test_serve import assert_openai_error, sse_events
 
@@ -228,6 +228,7 @@ def test_queue_full_partway_cancels_what_started(served_engine: Engine) -> None:
     request the first gets the last place, the second finds the engine full: the answer is
     503 and the first is cancelled, so nothing of the request is left in the engine."""
     eng = served_engine
+    wait_idle(eng)  # it counts capacity: nothing of an earlier test may be in flight
     client = TestClient(build_app(eng, ServeConfig(model_name=MODEL)))
     stats = eng.stats()
     hog = SamplingParams(max_tokens=400, ignore_eos=True, seed=0)

@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from conftest import uvicorn_in_thread
+from conftest import uvicorn_in_thread, wait_idle
 
 from steelworks.serve.app import build_app
 from steelworks.serve.config import ServeConfig
@@ -78,6 +78,7 @@ def test_stop_tokens_strings_and_seeds(vllm_engine, builtin_vllm_twin) -> None:
 
 
 def test_cancel_frees_the_request_and_full_queue_is_refused(vllm_engine) -> None:
+    wait_idle(vllm_engine)  # it counts capacity: nothing of an earlier test may be in flight
     ids = vllm_engine.encode("北京")
     long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
     streams = [vllm_engine.stream(ids, long) for _ in range(8 + 16)]  # batch + queue
@@ -192,6 +193,7 @@ def test_http_client_hanging_up_frees_the_vllm_request(vllm_engine, stream: bool
     import socket
     from urllib.parse import urlparse
 
+    wait_idle(vllm_engine)  # "running" below must be this request's alone
     app = build_app(vllm_engine, ServeConfig(model_name="steel"))
     body = json.dumps({"prompt": "北京", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
                        "stream": stream}).encode()
