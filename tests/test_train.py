@@ -324,6 +324,7 @@ def test_sample_averaging_weighs_short_answers_like_long_ones():
 
 
 @pytest.mark.ray
+@pytest.mark.faults  # kills two workers and waits for Ray Train to restart the group: make test-faults
 def test_ray_two_workers_match_one_process_and_survive_a_killed_worker(demo_data, tmp_path, ray_local):
     """One Ray Train run covers both: 2 workers (FSDP2 over gloo) must follow the loss curve
     of one process on the same global batch, and rank 1 is killed after step 6, so the
