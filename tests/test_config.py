@@ -112,3 +112,24 @@ def test_cli_reports_config_errors(capsys):
     assert main(["data", "--set", "data.bogus=1"]) == 2
     err = capsys.readouterr().err
     assert "config error" in err and "data.bogus" in err and "min_chars" in err
+
+
+def test_cli_restart_reaches_the_train_stages_only(monkeypatch):
+    """`--restart` exists on the train stages and the pipeline commands, and reaches the
+    runner; the data stages have no such flag (nothing of theirs is ever wiped by it)."""
+    import pytest
+
+    from steelworks.platform import cli, pipeline
+
+    calls = []
+    monkeypatch.setattr(cli, "_connect", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "summarize", lambda cfg, results: "")
+    for name in ("pretrain", "sft"):
+        monkeypatch.setitem(pipeline.RUNNERS, name,
+                            lambda cfg, force=False, restart=False, name=name: calls.append((name, force, restart)) or {})
+    assert cli.main(["pretrain", "--restart"]) == 0 and cli.main(["sft"]) == 0
+    assert calls == [("pretrain", False, True), ("sft", False, False)]
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, force=False, restart=False: calls.append(restart) or {})
+    assert cli.main(["pipeline", "--restart"]) == 0 and calls[-1] is True
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["data", "--restart"])
