@@ -178,11 +178,136 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         return _train_loop(job, stack)
 
 
-def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, Any]:
+def _build_model(job: dict[str, Any], cfg: TrainConfig, device: torch.device, bf16: bool):
+    """-> (our decoder, sharded and on ``device``, its parameter count)."""
     from steelworks.data.tokenizer import load_tokenizer
-    from steelworks.train.hf_io import from_hf, hf_config
+    from steelworks.train.hf_io import from_hf
     from steelworks.train.model import build_decoder
     from steelworks.train.models import count_params, decoder_config
+
+    if job.get("init_from"):
+        # Fine-tuning: every rank loads the same HF checkpoint, then FSDP2 shards it.
+        model = from_hf(job["init_from"], device)
+    else:
+        # From scratch: built on meta, sharded, then only each rank's shard is allocated.
+        tok = load_tokenizer(job["tokenizer_dir"])
+        model = build_decoder(decoder_config(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id), "meta")
+    n_params = count_params(model)
+    model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
+                        compile=cfg.compile)
+    if not job.get("init_from"):
+        materialize(model, device, cfg.seed)
+    return model, n_params
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (fused); no weight decay on norms, biases and other 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
+
+
+def _save(job: dict[str, Any], step: int, rank: int, model, optimizer, extra: dict[str, Any],
+          checkpointer: AsyncCheckpointer | None, ckpt_dir: Path, keep_last: int | None,
+          last_step: bool) -> list[Path]:
+    """Save step ``step`` (in the background with ``checkpointer``); -> the checkpoints
+    committed by this call (an async save commits the previous one, the last step waits)."""
+    hooks = {"before_commit": functools.partial(_fault, job, "save", step, rank),
+             "after_commit": functools.partial(_fault, job, "committed", step, rank)}
+    if checkpointer is None:
+        return [save_checkpoint(ckpt_dir, step, model, optimizer, extra, keep_last=keep_last, **hooks)]
+    saved = []
+    inflight = functools.partial(_fault, job, "save_inflight", step, rank)
+    if (done := checkpointer.save(step, model, optimizer, extra, after_launch=inflight, **hooks)):
+        saved.append(done)
+    if last_step and (done := checkpointer.wait()) is not None:
+        saved.append(done)
+    return saved
+
+
+def _resume(resume: Path, model, optimizer, scheduler, schedule: Schedule, loader: PackedLoader,
+            total_steps: int, rank: int, metrics_path: Path) -> int:
+    """Restore everything from checkpoint ``resume``; -> its step."""
+    meta = load_checkpoint(resume, model, optimizer)
+    step = meta["step"]
+    if step > total_steps:
+        raise ValueError(f"{resume} is at step {step}, past this run's {total_steps} steps "
+                         "(max_steps, or epochs x steps per epoch): a run is not shortened "
+                         "below what it trained; raise the steps or restart the stage")
+    scheduler.load_state_dict(meta["scheduler"])
+    # The plan the checkpoint trained with, re-planned without a jump when the run was
+    # extended (or cut, not below its step): train/schedule.py states the rule.
+    schedule.load_state(meta.get("schedule"))
+    extended = schedule.extend(step, total_steps)
+    loader.load_state_dict(meta["loader"])
+    if rank == 0:
+        truncate_log(metrics_path, step)
+        log.info("resumed from %s at step %d", resume, step)
+        if extended:
+            log.info("%s", extended)
+        if loader.appended:
+            log.info("appended %d shard(s): %s", len(loader.appended), ", ".join(loader.appended))
+    return step
+
+
+def _forward_backward(model, micro: list[Batch], cfg: TrainConfig, world: int, device: torch.device,
+                      bf16: bool) -> tuple[torch.Tensor, float]:
+    """One optimizer step's forward and backward passes over its micro batches; -> (the
+    summed loss terms, detached, and the global denominator they average over)."""
+    counts = torch.tensor([sum(b.num_targets for b in micro), sum(_num_samples(b) for b in micro)],
+                          dtype=torch.float64)
+    g_tokens, g_samples = _all_reduce(counts.to(device)).tolist()
+    denom = g_tokens if cfg.loss_avg == "token" else g_samples
+    no_sync = cfg.grad_accum > 1 and hasattr(model, "set_requires_gradient_sync")
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for i, b in enumerate(micro):
+        if no_sync:
+            # Reduce-scatter the gradients once per optimizer step, after the last micro
+            # batch, not after each (FSDP2 accumulates them unsharded meanwhile).
+            model.set_requires_gradient_sync(i == len(micro) - 1)
+        pos = b.position_ids.to(device) if b.position_ids is not None else None
+        # The model returns sum(w * CE) over the micro batch; the weights make it the
+        # per-token or per-sample loss (``_token_weights``), with or without the fused
+        # LM head (train.kernels "ce": then the logits never exist).
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            part = model(b.input_ids.to(device), position_ids=pos, labels=b.labels.to(device),
+                         loss_weights=_token_weights(b, cfg.loss_avg).to(device))
+        # FSDP averages gradients over ranks: scale the local sum so the result is the
+        # exact global mean.
+        (part * world / max(denom, 1)).backward()
+        total += part.detach().double()
+    return total, denom
+
+
+class _LogWindow:
+    """What one metrics row covers: the loss averaged over the whole log window (one batch
+    alone is too noisy to read), and tokens/s and MFU over its wall time."""
+
+    def __init__(self, device: torch.device, flops: float) -> None:
+        self.device, self.flops = device, flops  # flops: FLOPs per token / peak FLOP/s
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.denom, self.tokens, self.start = 0.0, 0, time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, denom: float, tokens: int) -> None:
+        self.loss_sum += loss_sum
+        self.denom += denom
+        self.tokens += tokens
+
+    def row(self, step: int, lr: float, grad_norm: float, epoch: int) -> dict[str, Any]:
+        """The row for ``step`` (the loss all-reduced over ranks); starts a new window."""
+        loss = (_all_reduce(self.loss_sum) / max(self.denom, 1)).item()
+        tps = self.tokens / (time.perf_counter() - self.start)
+        self.loss_sum.zero_()
+        self.denom, self.tokens, self.start = 0.0, 0, time.perf_counter()
+        return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                "mfu": tps * self.flops, "epoch": epoch, "memory_gb": _peak_memory_gb(self.device)}
+
+
+def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, Any]:
+    from steelworks.train.hf_io import hf_config
 
     cfg = from_dict(TrainConfig, job["train"])
     out_dir = Path(job["out_dir"])
@@ -192,20 +317,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.seed)
 
-    tok = load_tokenizer(job["tokenizer_dir"])
-    if job.get("init_from"):
-        # Fine-tuning: every rank loads the same HF checkpoint, then FSDP2 shards it.
-        model = from_hf(job["init_from"], device)
-        n_params = count_params(model)
-        model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
-                            compile=cfg.compile)
-    else:
-        # From scratch: built on meta, sharded, then only each rank's shard is allocated.
-        model = build_decoder(decoder_config(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id), "meta")
-        n_params = count_params(model)
-        model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
-                            compile=cfg.compile)
-        materialize(model, device, cfg.seed)
+    model, n_params = _build_model(job, cfg, device, bf16)
     model_cfg = model.config
     kernels = model.use_kernels(cfg.kernels, device)
     model.train()
@@ -215,12 +327,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     total_steps = cfg.max_steps
     if cfg.epochs is not None:
         total_steps = max(1, int(cfg.epochs * loader.steps_per_epoch))
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
+    optimizer = _optimizer(model, cfg)
     # A closure over a Schedule object (not the object itself): LambdaLR's state_dict would
     # save a callable object's fields and its load_state_dict overwrite a resumed run's new
     # plan with the checkpoint's. The schedule is saved on its own, in the checkpoint's meta.
@@ -229,28 +336,9 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
 
     ckpt_dir = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
-    step = 0
     resume, adopt = agree_resume_point(ckpt_dir, job, rank, stack)
-    if resume is not None:
-        meta = load_checkpoint(resume, model, optimizer)
-        step = meta["step"]
-        if step > total_steps:
-            raise ValueError(f"{resume} is at step {step}, past this run's {total_steps} steps "
-                             "(max_steps, or epochs x steps per epoch): a run is not shortened "
-                             "below what it trained; raise the steps or restart the stage")
-        scheduler.load_state_dict(meta["scheduler"])
-        # The plan the checkpoint trained with, re-planned without a jump when the run was
-        # extended (or cut, not below its step): train/schedule.py states the rule.
-        schedule.__dict__.update(Schedule.from_state(meta.get("schedule"), cfg.optim, total_steps).__dict__)
-        extended = schedule.extend(step, total_steps)
-        if extended and rank == 0:
-            log.info("%s", extended)
-        loader.load_state_dict(meta["loader"])
-        if rank == 0:
-            truncate_log(metrics_path, step)
-            log.info("resumed from %s at step %d", resume, step)
-            if loader.appended:
-                log.info("appended %d shard(s): %s", len(loader.appended), ", ".join(loader.appended))
+    step = 0 if resume is None else _resume(resume, model, optimizer, scheduler, schedule, loader,
+                                             total_steps, rank, metrics_path)
     metrics = MetricsLog(metrics_path, enabled=rank == 0,
                          tensorboard_dir=out_dir / "tensorboard" if cfg.tensorboard else None,
                          wandb_project=cfg.wandb_project, run_name=job.get("task", "train"),
@@ -272,33 +360,10 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     keep_last = None if job.get("ray") else cfg.keep_last
     use_async = cfg.async_checkpoint if cfg.async_checkpoint is not None else device.type == "cuda"
     checkpointer = AsyncCheckpointer(ckpt_dir, keep_last, device) if use_async else None
-    t_log, tokens_since = time.perf_counter(), 0
-    # The logged loss averages the whole log window (one batch alone is too noisy to read).
-    window_sum = torch.zeros((), device=device, dtype=torch.float64)
-    no_sync_available = cfg.grad_accum > 1 and hasattr(model, "set_requires_gradient_sync")
-    window_denom = 0.0
+    window = _LogWindow(device, flops=fpt / peak)
     while step < total_steps:
         micro = loader.next_step()
-        counts = torch.tensor([sum(b.num_targets for b in micro), sum(_num_samples(b) for b in micro)],
-                              dtype=torch.float64)
-        g_tokens, g_samples = _all_reduce(counts.to(device)).tolist()
-        denom = g_tokens if cfg.loss_avg == "token" else g_samples
-        for i, b in enumerate(micro):
-            if no_sync_available:
-                # Reduce-scatter the gradients once per optimizer step, after the last micro
-                # batch, not after each (FSDP2 accumulates them unsharded meanwhile).
-                model.set_requires_gradient_sync(i == len(micro) - 1)
-            pos = b.position_ids.to(device) if b.position_ids is not None else None
-            # The model returns sum(w * CE) over the micro batch; the weights make it the
-            # per-token or per-sample loss (``_token_weights``), with or without the fused
-            # LM head (train.kernels "ce": then the logits never exist).
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                part = model(b.input_ids.to(device), position_ids=pos, labels=b.labels.to(device),
-                             loss_weights=_token_weights(b, cfg.loss_avg).to(device))
-            # FSDP averages gradients over ranks: scale the local sum so the result is the
-            # exact global mean.
-            (part * world / max(denom, 1)).backward()
-            window_sum += part.detach().double()
+        part_sum, denom = _forward_backward(model, micro, cfg, world, device, bf16)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
@@ -306,25 +371,15 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
         scheduler.step()
         step += 1
         _fault(job, "step", step, rank)
-        window_denom += denom
-        tokens_since += sum(b.input_ids.numel() for b in micro) * world
+        window.add(part_sum, denom, sum(b.input_ids.numel() for b in micro) * world)
         if progress is not None:
             progress.update(1)
         row: dict[str, Any] | None = None
         if step % cfg.log_every == 0 or step == total_steps:
-            loss = (_all_reduce(window_sum) / max(window_denom, 1)).item()
-            window_sum.zero_()
-            window_denom = 0.0
-            elapsed = time.perf_counter() - t_log
-            tps = tokens_since / elapsed
-            row = last = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                          "mfu": tps * fpt / peak, "epoch": loader.epoch,
-                          "memory_gb": _peak_memory_gb(device)}
+            row = last = window.row(step, scheduler.get_last_lr()[0], float(grad_norm), loader.epoch)
             metrics.log(last)
             if progress is not None:
-                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-            t_log, tokens_since = time.perf_counter(), 0
+                progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
         # Checkpoints committed this step (an async save finishes a later step than it
         # started); each is reported to Ray Train with this step's metrics.
         saved: list[Path] = []
@@ -333,17 +388,8 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total_steps:
             extra = {"scheduler": scheduler.state_dict(), "schedule": schedule.state(),
                      "loader": loader.state_dict(), "config": job["train"]}
-            hooks = {"before_commit": functools.partial(_fault, job, "save", step, rank),
-                     "after_commit": functools.partial(_fault, job, "committed", step, rank)}
-            if checkpointer is not None:
-                inflight = functools.partial(_fault, job, "save_inflight", step, rank)
-                if (done := checkpointer.save(step, model, optimizer, extra, after_launch=inflight, **hooks)):
-                    saved.append(done)
-                if step == total_steps and (done := checkpointer.wait()) is not None:
-                    saved.append(done)
-            else:
-                saved.append(save_checkpoint(ckpt_dir, step, model, optimizer, extra,
-                                             keep_last=keep_last, **hooks))
+            saved += _save(job, step, rank, model, optimizer, extra, checkpointer, ckpt_dir,
+                           keep_last, step == total_steps)
         if row is not None and not saved:
             report(row, None)
         for i, ckpt in enumerate(saved):

@@ -111,9 +111,15 @@ class Schedule:
     def state(self) -> dict[str, Any]:
         return {"total": self.total, "segments": [dict(s) for s in self.segments]}
 
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        """Take the plan a checkpoint trained with (kept as is when it predates saving one)."""
+        if state:
+            self.total = int(state["total"])
+            self.segments = [dict(s) for s in state.get("segments") or []]
+
     @classmethod
     def from_state(cls, state: dict[str, Any] | None, cfg: OptimConfig, total: int) -> Schedule:
         """The schedule a checkpoint trained with; ``total`` when it predates saving one."""
-        if not state:
-            return cls(total, cfg)
-        return cls(state["total"], cfg, state.get("segments"))
+        schedule = cls(total, cfg)
+        schedule.load_state(state)
+        return schedule
