@@ -147,3 +147,26 @@ def test_train_loop_with_kernels_follows_the_same_curve(tiny_tokenizer_dir, tmp_
         assert summary["kernels"] == kernels
         losses[bool(kernels)] = [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="flash-attn runs on CUDA only (make gpu-check)")
+def test_flash_attention_matches_sdpa_on_cuda(monkeypatch):
+    """On the lent GPU: with flash-attn 2 installed, attention over packed rows goes through its
+    varlen kernel; the loss and gradients match the SDPA path within bf16 noise."""
+    from steelworks.train import model as model_mod
+
+    if model_mod.flash_varlen() is None:
+        pytest.skip("flash-attn is not installed on this machine")
+    flash, sdpa = _pair("qwen2")
+    ids, pos, labels, w = _batch()
+    results = []
+    for model, use_flash in ((flash, True), (sdpa, False)):
+        if not use_flash:
+            monkeypatch.setattr(model_mod, "flash_varlen", lambda: None)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, position_ids=pos, labels=labels, loss_weights=w)
+        loss.backward()
+        results.append((float(loss), model.model.layers[0].self_attn.q_proj.weight.grad))
+    (a, ga), (b, gb) = results
+    assert abs(a - b) < 2e-2 * abs(b)
+    assert (ga - gb).abs().max() <= 5e-2 * gb.abs().max()

@@ -75,6 +75,50 @@ def test_packed_rows_attend_only_within_their_document(arch, tmp_path):
     assert (got - hf(packed, position_ids=pos, use_cache=False).logits).abs().max() < 1e-5
 
 
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+    """flash_attn_varlen_func's contract, written with SDPA one document at a time: tokens
+    [T, H, D], k/v with fewer (GQA) heads, documents at the cu_seqlens offsets."""
+    assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and max_q == max_k
+    lengths = (cu_q[1:] - cu_q[:-1]).tolist()
+    assert max(lengths) == max_q
+    groups = q.size(1) // k.size(1)
+    out = []
+    for qq, kk, vv in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True):
+        kk, vv = kk.repeat_interleave(groups, dim=1), vv.repeat_interleave(groups, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qq.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), is_causal=True)
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)
+
+
+def test_flash_varlen_path_matches_sdpa(tmp_path, monkeypatch):
+    """The flash-attn path (CUDA, half precision, flash-attn installed) cannot run here, so it
+    runs with a reference varlen function in fp32 on CPU: our side of it (boundaries from
+    position ids, token layout, GQA heads, dtype) must give the SDPA path's logits."""
+    from steelworks.train import model as model_mod
+
+    _, path = _hf_model("qwen2", tmp_path)
+    ours = from_hf(path).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, VOCAB, (2, 20), generator=g)
+    pos = torch.stack([torch.cat([torch.arange(7), torch.arange(13)]),
+                       torch.cat([torch.arange(5), torch.arange(4), torch.arange(11)])])
+    sdpa = ours(ids, position_ids=pos)
+    bounds, longest = model_mod.cu_seqlens(pos)
+    assert bounds.tolist() == [0, 7, 20, 25, 29, 40] and longest == 13
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(args[0].shape)
+        return _reference_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(model_mod, "_flash_dtype", lambda x: torch.float32)
+    monkeypatch.setattr(model_mod, "flash_varlen", lambda: fake)
+    flash = ours(ids, position_ids=pos)
+    assert len(calls) == 2 and calls[0] == (40, 4, 16)  # one call per layer, [B*L, H, D]
+    assert (flash - sdpa).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("arch, tie, extra", CASES)
 def test_hf_round_trip_is_bit_identical_and_opens_in_transformers(arch, tie, extra, tmp_path):
     from safetensors.torch import load_file

@@ -12,6 +12,9 @@ what ``AutoModelForCausalLM`` and vLLM open.
 - Attention is PyTorch SDPA, causal; for packed rows it is document-causal: a new document
   starts where a position id is not the previous one + 1 (what ``train/data.py`` feeds and
   what transformers derives from position ids), and tokens attend only within their document.
+  On CUDA in bf16/fp16 with ``flash-attn`` 2 installed, attention is its varlen kernel over
+  the documents' boundaries (``cu_seqlens``) instead: no [L, L] mask, no compute across
+  documents, and GQA without repeating k/v. SDPA with a dense mask is the fallback.
 - ``train.kernels`` picks fused kernels (``steelworks.kernels``) per module: ``rmsnorm`` (with
   the residual add fused into the post-attention norm), ``rope``, ``swiglu``, ``ce`` (the LM
   head computes the fused linear cross-entropy: the [tokens x vocab] logits never exist).
@@ -24,6 +27,7 @@ Parallelism (FSDP2, activation checkpointing, compile) lives in ``parallelize.py
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -129,12 +133,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Boolean [B, 1, L, L] mask, True where query i may attend to key j: j <= i within the
-    same document. A document starts where a position id is not the previous one + 1. None
-    when every row is one document (plain causal attention, SDPA's fast path)."""
+def _document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: True where a document starts (a position id that is not the previous + 1)."""
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Boolean [B, 1, L, L] mask, True where query i may attend to key j: j <= i within the
+    same document. None when every row is one document (plain causal, SDPA's fast path)."""
+    starts = _document_starts(position_ids)
     if not bool(starts[:, 1:].any()):
         return None
     doc = torch.cumsum(starts.long(), dim=1)
@@ -142,6 +151,61 @@ def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     length = position_ids.size(1)
     causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
     return (same & causal)[:, None]
+
+
+def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """flash-attn varlen boundaries over the flattened [B * L] tokens: int32 offsets of every
+    document start plus the total, and the longest document. A row's first token always
+    starts a document, so no document crosses rows."""
+    starts = _document_starts(position_ids).flatten()
+    offsets = torch.nonzero(starts).flatten()
+    total = torch.tensor([starts.numel()], device=offsets.device)
+    bounds = torch.cat((offsets, total)).to(torch.int32)
+    return bounds, int((bounds[1:] - bounds[:-1]).max())
+
+
+@functools.cache
+def flash_varlen() -> Any | None:
+    """``flash_attn.flash_attn_varlen_func`` when flash-attn 2 is installed, else None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+@dataclass
+class Documents:
+    """Where each layer's attention may look, computed once per forward: a dense SDPA mask
+    (None: plain causal), or flash-attn varlen boundaries when ``flash`` is set."""
+
+    mask: torch.Tensor | None = None
+    flash: Any | None = None  # flash_attn_varlen_func
+    dtype: torch.dtype | None = None  # what flash-attn computes in
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+    @classmethod
+    def of(cls, position_ids: torch.Tensor, x: torch.Tensor) -> Documents:
+        dtype = _flash_dtype(x)
+        flash = flash_varlen() if dtype is not None else None
+        if flash is not None:
+            bounds, longest = cu_seqlens(position_ids)
+            return cls(flash=flash, dtype=dtype, cu_seqlens=bounds, max_seqlen=longest)
+        return cls(mask=document_mask(position_ids))
+
+
+def _flash_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """flash-attn runs on CUDA in bf16/fp16: parameters in half precision, or autocast to it.
+    None where it cannot run."""
+    half = (torch.bfloat16, torch.float16)
+    if not x.is_cuda:
+        return None
+    if x.dtype in half:
+        return x.dtype
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half:
+        return torch.get_autocast_dtype("cuda")
+    return None
 
 
 class Attention(nn.Module):
@@ -155,7 +219,7 @@ class Attention(nn.Module):
         self.fused_rope = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                docs: Documents) -> torch.Tensor:
         b, length, _ = x.shape
         q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -167,9 +231,20 @@ class Attention(nn.Module):
         else:
             c, s = cos.unsqueeze(1), sin.unsqueeze(1)
             q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+        if docs.flash is not None:
+            # [B, H, L, D] -> [B * L, H, D] tokens; the kernel takes GQA's fewer k/v heads as is.
+            def tokens(t: torch.Tensor) -> torch.Tensor:
+                return t.transpose(1, 2).reshape(b * length, t.size(1), self.head_dim)
+
+            dtype = docs.dtype  # RoPE in fp32 may have promoted q and k
+            out = docs.flash(tokens(q).to(dtype), tokens(k).to(dtype), tokens(v).to(dtype),
+                             docs.cu_seqlens, docs.cu_seqlens, docs.max_seqlen, docs.max_seqlen,
+                             causal=True)
+            return self.o_proj(out.reshape(b, length, -1))
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:  # GQA: each kv head serves `groups` query heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        mask = docs.mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
@@ -199,8 +274,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+                docs: Documents) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, docs)
         norm = self.post_attention_layernorm
         if norm.fused:  # residual add + RMSNorm in one kernel pass
             from steelworks.kernels.rmsnorm import rms_norm
@@ -270,9 +345,9 @@ class Decoder(nn.Module):
             position_ids = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(x, position_ids)
-        mask = document_mask(position_ids)
+        docs = Documents.of(position_ids, x)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, cos, sin, docs)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
