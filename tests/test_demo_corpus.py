@@ -25,7 +25,7 @@ from steelworks.data.demo_corpus import (
 )
 
 SMALL = dict(num_entities=12, pretrain_renderings=10, sft_questions_per_fact=2,
-             sft_exam_per_fact=2, self_cognition_samples=24, dev_per_subject=2,
+             sft_exam_per_fact=2, self_cognition_samples=24, dev_per_subject=2, val_per_subject=2,
              model_name="Tiny-Test-LM", model_author="Test-Lab", planted_duplicates=5,
              planted_junk=7)
 
@@ -66,7 +66,7 @@ def test_same_seed_byte_identical_other_seed_differs(corpus, tmp_path):
     generate(DemoCorpusConfig(**{**SMALL, "seed": cfg.seed + 1}), tmp_path / "other")
     other = _files(tmp_path / "other")
     assert sorted(other) == sorted(first)
-    for name in ("world.json", "pretrain.jsonl", "sft.jsonl", "exam/demo_zoology_val.csv"):
+    for name in ("world.json", "pretrain.jsonl", "sft.jsonl", "exam/demo_zoology_test.csv"):
         assert other[name] != first[name], name
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries behind
 
@@ -97,46 +97,60 @@ def test_exam_layout_and_balanced_letters(corpus, world):
     assert json.loads((out / "exam/subject_mapping.json").read_text("utf-8")) == DEMO_SUBJECTS
     assert all(len(v) == 3 and v[2] in ("STEM", "Social Science", "Humanities", "Other")
                for v in DEMO_SUBJECTS.values())
-    all_val = Counter()
+    asks = DemoCorpusConfig().exam_questions_per_fact
+    assert asks == 2  # the default asks each val/test fact in both exam phrasings
+    all_test = Counter()
     for subject in DEMO_SUBJECTS:
         n_facts = sum(1 for f in world["facts"] if f["subject"] == subject)
-        for split, n in (("dev", SMALL["dev_per_subject"]),
-                         ("val", n_facts - SMALL["dev_per_subject"])):
+        dev, val = SMALL["dev_per_subject"], SMALL["val_per_subject"]
+        for split, n in (("dev", dev), ("val", val * asks), ("test", (n_facts - dev - val) * asks)):
             raw = (out / f"exam/{subject}_{split}.csv").read_text("utf-8")
             assert raw.splitlines()[0] == ",".join(EXAM_COLUMNS)
             header, rows = _csv(out / f"exam/{subject}_{split}.csv")
             assert tuple(header) == EXAM_COLUMNS and len(rows) == n
+            assert summary["exam"]["per_subject"][subject][split] == n
             assert [r["id"] for r in rows] == [str(i) for i in range(n)]
             letters = Counter(r["answer"] for r in rows)
             assert set(letters) <= set(LETTERS)
             # balanced: every letter is correct n//4 or n//4 + 1 times
             assert all(n // 4 <= letters[x] <= n // 4 + 1 for x in LETTERS), letters
             assert all(r["explanation"] and r["answer"] in r["explanation"] for r in rows)
-            if split == "val":
-                all_val.update(letters)
-    assert sum(all_val.values()) == summary["exam"]["val"]
-    assert dict(all_val) == summary["exam"]["val_answers"]
+            if split == "test":
+                all_test.update(letters)
+    assert sum(all_test.values()) == summary["exam"]["test"]
+    assert dict(all_test) == summary["exam"]["test_answers"]
+    assert summary["exam"]["test"] == summary["exam"]["test_facts"] * asks
 
 
 def test_exam_answers_match_world(corpus, world):
     out = corpus[1]
     rows = {}
     for subject in DEMO_SUBJECTS:
-        for split in ("dev", "val"):
+        for split in ("dev", "val", "test"):
             for r in _csv(out / f"exam/{subject}_{split}.csv")[1]:
                 rows[(subject, split, r["id"])] = r
     entities = {e["id"]: e for e in world["entities"]}
-    assert len(rows) == len(world["facts"])  # one question per fact, dev + val
+    splits = Counter()
     for fact in world["facts"]:
         loc = fact["exam"]
-        row = rows.pop((loc["subject"], loc["split"], loc["id"]))
-        options = [row[x] for x in LETTERS]
-        assert row[row["answer"]] == fact["value"]["zh"]
-        assert len(set(options)) == 4  # distractors distinct and never the answer
-        allowed = {v["zh"] for v in world["attributes"][fact["attribute"]]["values"]}
-        assert set(options) <= allowed  # distractors: other values of the same attribute
-        assert entities[fact["entity"]]["zh"] in row["question"]
-    assert not rows
+        splits[loc["split"]] += 1
+        # dev asks once; val and test ask in both exam phrasings, never twice alike
+        assert len(loc["ids"]) == (1 if loc["split"] == "dev" else 2)
+        asked = [rows.pop((loc["subject"], loc["split"], i)) for i in loc["ids"]]
+        assert len({row["question"] for row in asked}) == len(asked)
+        for row in asked:
+            options = [row[x] for x in LETTERS]
+            assert row[row["answer"]] == fact["value"]["zh"]
+            assert len(set(options)) == 4  # distractors distinct and never the answer
+            allowed = {v["zh"] for v in world["attributes"][fact["attribute"]]["values"]}
+            assert set(options) <= allowed  # distractors: other values of the same attribute
+            assert entities[fact["entity"]]["zh"] in row["question"]
+    assert not rows  # every row belongs to exactly one fact
+    n_subjects = len(DEMO_SUBJECTS)
+    assert splits == {"dev": SMALL["dev_per_subject"] * n_subjects,
+                      "val": SMALL["val_per_subject"] * n_subjects,
+                      "test": len(world["facts"]) - (SMALL["dev_per_subject"]
+                                                     + SMALL["val_per_subject"]) * n_subjects}
 
 
 def test_world_names_and_values_are_unambiguous(world):
@@ -172,7 +186,7 @@ def test_exam_questions_never_seen_in_training_text(corpus):
     seen = [r["text"] for r in _jsonl(out / "pretrain.jsonl")]
     seen += [m["content"] for r in _jsonl(out / "sft.jsonl") for m in r["messages"]]
     blob = "\n".join(seen)
-    questions = [r["question"] for s in DEMO_SUBJECTS for split in ("dev", "val")
+    questions = [r["question"] for s in DEMO_SUBJECTS for split in ("dev", "val", "test")
                  for r in _csv(out / f"exam/{s}_{split}.csv")[1]]
     assert questions and not [q for q in questions if q in blob]
 
@@ -266,15 +280,17 @@ def test_planted_duplicates_and_junk_are_counted(corpus):
 
 def test_exam_loads_with_the_eval_loader(corpus):
     benchmarks = pytest.importorskip("steelworks.evals.benchmarks")
-    subjects, items = benchmarks.load_ceval_layout(corpus[1] / "exam", "val")
-    assert [s.name for s in subjects] == list(DEMO_SUBJECTS)
-    assert sum(len(v) for v in items.values()) == corpus[2]["exam"]["val"]
+    for split in ("dev", "val", "test"):
+        subjects, items = benchmarks.load_ceval_layout(corpus[1] / "exam", split)
+        assert [s.name for s in subjects] == list(DEMO_SUBJECTS)
+        assert sum(len(v) for v in items.values()) == corpus[2]["exam"][split]
+        assert all(item.answer in LETTERS for v in items.values() for item in v)
 
 
 def test_default_config_sizes(tmp_path):
     s = generate(DemoCorpusConfig(), tmp_path)
     assert 500_000 <= s["pretrain"]["chars"] <= 1_500_000
-    assert 60 <= s["exam"]["val"] <= 120
+    assert s["exam"]["test"] >= 100  # issue 20: the reported exam is not a coin toss
     assert s["facts"] == sum(s["facts_per_subject"].values())
 
 
@@ -283,3 +299,7 @@ def test_config_validation():
         DemoCorpusConfig(num_entities=8)
     with pytest.raises(ValueError, match="dev_per_subject"):
         generate(DemoCorpusConfig(num_entities=12, dev_per_subject=12), "/nonexistent/never")
+    with pytest.raises(ValueError, match="val_per_subject"):
+        generate(DemoCorpusConfig(num_entities=12, val_per_subject=9), "/nonexistent/never")
+    with pytest.raises(ValueError, match="exam_questions_per_fact"):
+        DemoCorpusConfig(exam_questions_per_fact=3)

@@ -19,6 +19,8 @@ class DemoCorpusConfig:
     sft_exam_per_fact: int = 4  # exam-format practice items per fact (practice templates)
     self_cognition_samples: int = 60
     dev_per_subject: int = 5  # C-Eval layout: few-shot examples per subject
+    val_per_subject: int = 3  # facts per subject in the val split (tuning); the rest is test
+    exam_questions_per_fact: int = 2  # val/test questions per fact, each in its own phrasing
     model_name: str = "Steel-Demo"  # what the model answers to "你是谁"
     model_author: str = "steelworks"
     zh_fraction: float = 0.7  # Chinese-first: share of zh renderings / QA / self-cognition
@@ -37,9 +39,16 @@ class DemoCorpusConfig:
         if not 0 <= self.planted_junk <= 20:
             raise ValueError("demo.planted_junk must be in [0, 20] (the built-in junk lines)")
         for name in ("pretrain_renderings", "sft_questions_per_fact", "sft_exam_per_fact",
-                     "self_cognition_samples", "dev_per_subject", "planted_duplicates"):
+                     "self_cognition_samples", "dev_per_subject", "val_per_subject",
+                     "planted_duplicates"):
             if getattr(self, name) < 0:
                 raise ValueError(f"demo.{name} must be >= 0")
+        from steelworks.data.demo_templates import ATTRIBUTES
+
+        phrasings = min(len(a.exam) for a in ATTRIBUTES)
+        if not 1 <= self.exam_questions_per_fact <= phrasings:
+            raise ValueError(f"demo.exam_questions_per_fact must be in [1, {phrasings}] "
+                             f"(each attribute has {phrasings} exam phrasings)")
         if not self.model_name.strip() or not self.model_author.strip():
             raise ValueError("demo.model_name and demo.model_author must be non-empty")
 

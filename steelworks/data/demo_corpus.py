@@ -16,8 +16,9 @@ a model scores only what it learnt from ``pretrain.jsonl`` and ``sft.jsonl``.
     sft.jsonl        {"id", "messages": [{"role", "content"}], "task_type"}: "qa" (chat
                      questions about the facts), "exam" (practice multiple-choice items in the
                      exam prompt layout, answered with the bare letter), "self_cognition".
-    exam/            C-Eval layout: ``{subject}_dev.csv`` (few-shot rows), ``{subject}_val.csv``
-                     (one question per fact not used in dev), columns exactly
+    exam/            C-Eval layout: ``{subject}_{dev,val,test}.csv`` over disjoint facts: dev
+                     (few-shot rows), val (for tuning) and test (the reported exam; each
+                     fact asked in every exam phrasing), columns exactly
                      ``id,question,A,B,C,D,answer,explanation``, and ``subject_mapping.json``
                      ``{subject: [english_name, chinese_name, category]}``.
     world.json       the entities and facts, each fact linked to its exam row.
@@ -371,32 +372,49 @@ def _sft_samples(cfg: DemoCorpusConfig, entities: list[Entity], facts: list[Fact
 
 def _exam(cfg: DemoCorpusConfig, entities: list[Entity],
           facts: list[Fact]) -> tuple[dict[str, dict[str, list[dict]]], dict[str, dict]]:
-    """Rows per subject and split, and fact id -> its exam location."""
+    """Rows per subject and split, and fact id -> its exam location.
+
+    Each subject's facts are dealt into three disjoint splits, as in C-Eval: ``dev`` (the
+    few-shot examples, one row per fact), ``val`` (for tuning; ``val_per_subject`` facts)
+    and ``test`` (the reported exam; every other fact). A val or test fact is asked
+    ``exam_questions_per_fact`` times, each with another exam phrasing and fresh
+    distractors, so the test split is large enough to be more than a coin toss without
+    growing the world the model must learn in CPU-minutes."""
     rng = _rng(cfg, "exam")
     rows: dict[str, dict[str, list[dict]]] = {}
     where: dict[str, dict] = {}
     for subject in DEMO_SUBJECTS:
         subject_facts = [f for f in facts if f.subject == subject]
-        if len(subject_facts) <= cfg.dev_per_subject:
+        held = cfg.dev_per_subject + cfg.val_per_subject
+        if len(subject_facts) <= held:
             raise ValueError(f"subject {subject} has {len(subject_facts)} facts; need more than "
-                             f"demo.dev_per_subject={cfg.dev_per_subject} (raise num_entities)")
+                             f"demo.dev_per_subject + demo.val_per_subject = {held} "
+                             "(raise num_entities)")
         rng.shuffle(subject_facts)
         splits = {"dev": subject_facts[: cfg.dev_per_subject],
-                  "val": subject_facts[cfg.dev_per_subject:]}
+                  "val": subject_facts[cfg.dev_per_subject: held],
+                  "test": subject_facts[held:]}
         rows[subject] = {}
         for split, split_facts in splits.items():
-            positions = _balanced_positions(rng, len(split_facts))
+            asks = 1 if split == "dev" else cfg.exam_questions_per_fact
+            # (fact, phrasing) pairs: phrasings rotate from a random start per fact.
+            questions = [(f, (start + k) % len(ATTRIBUTE_BY_KEY[f.attribute].exam))
+                         for f in split_facts
+                         for start in [rng.randrange(len(ATTRIBUTE_BY_KEY[f.attribute].exam))]
+                         for k in range(asks)]
+            positions = _balanced_positions(rng, len(questions))
             rows[subject][split] = []
-            for i, (fact, pos) in enumerate(zip(split_facts, positions, strict=True)):
+            for i, ((fact, phrasing), pos) in enumerate(zip(questions, positions, strict=True)):
                 attr = ATTRIBUTE_BY_KEY[fact.attribute]
                 options = _options(rng, fact, value_set(attr, entities), pos)
                 statement = _render(attr.pretrain_zh[0], fact, "zh").rstrip("。")
                 rows[subject][split].append({
-                    "id": str(i), "question": _render(rng.choice(attr.exam), fact, "zh"),
+                    "id": str(i), "question": _render(attr.exam[phrasing], fact, "zh"),
                     **options, "answer": LETTERS[pos],
                     "explanation": f"{statement}，所以答案是{LETTERS[pos]}。",
                 })
-                where[fact.id] = {"subject": subject, "split": split, "id": str(i)}
+                loc = where.setdefault(fact.id, {"subject": subject, "split": split, "ids": []})
+                loc["ids"].append(str(i))
     return rows, where
 
 
@@ -457,7 +475,7 @@ def generate(cfg: DemoCorpusConfig, out_dir: str | Path) -> dict[str, Any]:
         keys = sorted({str(x[key]) for x in items})
         return {k: sum(1 for x in items if str(x[key]) == k) for k in keys}
 
-    val_rows = [r for s in rows.values() for r in s["val"]]
+    test_rows = [r for s in rows.values() for r in s["test"]]
     return {
         "seed": cfg.seed,
         "entities": kind_counts(cfg.num_entities),
@@ -472,8 +490,10 @@ def generate(cfg: DemoCorpusConfig, out_dir: str | Path) -> dict[str, Any]:
         "sft": {"samples": len(sft), "per_task_type": count(sft, "task_type")},
         "exam": {"per_subject": {s: {split: len(r) for split, r in v.items()}
                                  for s, v in rows.items()},
-                 "val": len(val_rows), "dev": sum(len(s["dev"]) for s in rows.values()),
-                 "val_answers": {letter: sum(1 for r in val_rows if r["answer"] == letter)
-                                 for letter in LETTERS}},
+                 **{split: sum(len(s[split]) for s in rows.values())
+                    for split in ("dev", "val", "test")},
+                 "test_facts": sum(1 for loc in where.values() if loc["split"] == "test"),
+                 "test_answers": {letter: sum(1 for r in test_rows if r["answer"] == letter)
+                                  for letter in LETTERS}},
         "files": sorted(files),
     }
