@@ -1,5 +1,5 @@
 """The ``steelworks`` command line: one subcommand per stage, ``pipeline``, ``demo``,
-``cluster up|down|status`` and ``submit``.
+``merge``, ``cluster up|down|status`` and ``submit``.
 
 Every stage command takes ``--config FILE`` and any number of ``--set a.b=c`` overrides;
 config errors are printed as one line naming the key, and exit with status 2.
@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from steelworks import __version__
 from steelworks.platform.config import ConfigError, load
@@ -142,6 +143,27 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# The same names as steelworks.train.merge.METHODS (a test checks): spelled out here so that
+# building the parser does not import torch, which would slow every command's start.
+MERGE_METHODS = ("linear", "task_arithmetic", "slerp")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge the given directories; needs neither a run config nor Ray (it reads and writes
+    files only), so it works on a laptop beside a copy of the checkpoints."""
+    from steelworks.train.merge import merge_dirs
+
+    try:
+        out = merge_dirs(args.method, args.models, args.out, base=args.base,
+                         weights=args.weights, t=args.t)
+    except ValueError as e:
+        # Bad input (mismatched models, wrong options), not a config-file problem: its own prefix.
+        print(f"steelworks merge: {e}", file=sys.stderr)
+        return 2
+    print(f"merged {len(args.models)} model(s) with {args.method} into {out}")
+    return 0
+
+
 def _served_engine(url: str) -> str:
     """Which engine the replica chose (serve.engine: auto decides in the replica), from
     /health, which needs no key."""
@@ -173,6 +195,29 @@ STAGE_HELP = {
     "sft": "fine-tune the pretrained model on the SFT shards (prompt tokens masked)",
     "eval": "score a model on a multiple-choice benchmark (the demo exam by default)",
 }
+
+
+def _add_merge_command(sub: Any) -> None:
+    """``steelworks merge``: no config file and no Ray, just directories in and out."""
+    p = sub.add_parser("merge", help="combine models of one architecture into a new HF directory "
+                       "(linear average, task arithmetic or SLERP)",
+                       description="Merge HF model directories tensor by tensor and write an HF "
+                       "directory (weights, config and tokenizer of the base or first model, and "
+                       "merge.json). No Ray.")
+    p.add_argument("--method", required=True, choices=MERGE_METHODS,
+                   help="linear: weighted average (weights normalised to sum 1); task_arithmetic: "
+                        "base + sum w_i * (model_i - base) (weights as given, default 1); slerp: "
+                        "spherical interpolation of two models at --t")
+    p.add_argument("--models", required=True, nargs="+", type=Path, metavar="DIR",
+                   help="the HF model directories to merge")
+    p.add_argument("--base", type=Path, default=None, metavar="DIR",
+                   help="task_arithmetic: the model the others were fine-tuned from")
+    p.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+                   help="one weight per --models entry (linear, task_arithmetic)")
+    p.add_argument("--t", type=float, default=None,
+                   help="slerp: 0 gives the first model, 1 the second")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    p.set_defaults(func=cmd_merge)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, force=False)
     p.add_argument("--model", default=None, help="HF model directory (default: runs/<run>/sft/hf)")
     p.set_defaults(func=cmd_serve)
+    _add_merge_command(sub)
     from steelworks.platform.ray_cluster import add_cluster_commands
 
     add_cluster_commands(sub)
