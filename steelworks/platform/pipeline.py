@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from steelworks.platform.atomic import atomic_write_json
-from steelworks.platform.config import to_dict
+from steelworks.platform.config import ConfigError, to_dict
 from steelworks.platform.rundir import Stage, list_outputs, read_manifest
 from steelworks.platform.settings import STAGES, PipelineConfig
 
@@ -220,6 +220,11 @@ def _settle_resume(stage: Stage, name: str, tcfg: Any, restart: bool) -> None:
 
 def _run_train_stage(cfg: PipelineConfig, name: str, force: bool, restart: bool = False) -> dict[str, Any]:
     tcfg = cfg.pretrain if name == "pretrain" else cfg.sft
+    if name == "pretrain" and tcfg.lora is not None:
+        # Said here, before a stage directory or a Ray job exists (the loop says it too).
+        raise ConfigError("pretrain.lora is set, but pretraining starts from scratch: LoRA "
+                          "adapts a trained base model. Set sft.lora instead (SFT starts from "
+                          "the pretrain stage's hf/), or remove pretrain.lora.")
     inputs = ["tokenizer"] if name == "pretrain" else ["tokenizer", "pretrain"]
     stage = _open(cfg, name, to_dict(tcfg), inputs)
     # --force re-runs a train stage from its checkpoints (a finished one just exports again);
@@ -238,7 +243,11 @@ def _run_train_stage(cfg: PipelineConfig, name: str, force: bool, restart: bool 
 
     summary = run_training(job, tcfg, use_ray=tcfg.num_workers > 0)
     reports = ["metrics.jsonl", "loss.png", "summary.json"]  # timings: differ run to run
-    return stage.finish(list_outputs(stage.dir, "hf") + reports, metrics=summary, reports=reports)
+    # hf/ is what eval and serve read (with LoRA: the merged model); adapter/ the peft adapter
+    outputs = list_outputs(stage.dir, "hf")
+    if tcfg.lora is not None and tcfg.lora.save_adapter:
+        outputs += list_outputs(stage.dir, "adapter")
+    return stage.finish(outputs + reports, metrics=summary, reports=reports)
 
 
 def run_pretrain(cfg: PipelineConfig, force: bool = False, restart: bool = False) -> dict[str, Any]:

@@ -1,6 +1,11 @@
 """Checkpoints: sharded (torch.distributed.checkpoint) model + optimizer, plus a JSON with
 step, scheduler, data-loader state and per-rank RNG — everything needed to resume exactly.
 
+A model with frozen parameters (LoRA, ``train.lora``: the base is frozen) checkpoints only
+what trains, the adapters and their optimizer state: the base is read again from the run's
+``init_from`` on resume (train/loop.py), so saving it would cost a full model's disk per
+checkpoint and buy nothing.
+
 Atomicity: a checkpoint is written to ``step_NNNNNNNN.tmp/`` and renamed to
 ``step_NNNNNNNN/`` by rank 0 only after every rank finished writing, so a crash mid-save
 leaves the previous checkpoint as the latest complete one. ``AsyncCheckpointer`` writes in
@@ -86,6 +91,24 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _state(model, optimizer) -> tuple[dict[str, Any], StateDictOptions]:
+    """{"model", "optim"} state dicts to save or load into, and the options that made them:
+    every parameter, or for a model with frozen ones the trainable parameters only."""
+    if all(p.requires_grad for p in model.parameters()):
+        options = StateDictOptions()
+    else:
+        # strict=False: set_state_dict then accepts a model state without the frozen base
+        # (load_checkpoint checks that nothing trainable was missed).
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    if options.ignore_frozen_params:
+        # ignore_frozen_params drops each frozen parameter under its named_parameters() name;
+        # a tied LM head is in state_dict() under its own name too and would be kept.
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trainable}
+    return {"model": model_sd, "optim": optim_sd}, options
+
+
 def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict[str, Any],
                     keep_last: int | None, before_commit: Callable[[], None] | None = None,
                     after_commit: Callable[[], None] | None = None) -> Path:
@@ -100,8 +123,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    dcp.save(_state(model, optimizer)[0], checkpoint_id=str(tmp))
     atomic_write_json(tmp / f"rng_rank{rank}.json", rng_state())
     if before_commit is not None:
         before_commit()
@@ -162,8 +184,7 @@ class AsyncCheckpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
+        future = dcp.async_save(_state(model, optimizer)[0], checkpoint_id=str(tmp),
                                 process_group=self.group)
         atomic_write_json(tmp / f"rng_rank{rank}.json", rng_state())
         # What meta.json will say, fixed now: the loader and scheduler move on meanwhile.
@@ -207,10 +228,14 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
     """Restore model/optimizer in place (any world size: DCP reshards); returns meta."""
     rank, _ = _dist()
     path = Path(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state, options = _state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    loaded = set_state_dict(model, optimizer, model_state_dict=state["model"],
+                            optim_state_dict=state["optim"], options=options)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missed = sorted(set(loaded.missing_keys) & trainable) + sorted(loaded.unexpected_keys)
+    if missed:
+        raise RuntimeError(f"{path}: the checkpoint does not fit this model: {missed[:5]}")
     meta = json.loads((path / "meta.json").read_text())
     rng_file = path / f"rng_rank{rank}.json"
     if rng_file.exists():
@@ -243,14 +268,18 @@ def restore_rng_state(state: dict[str, str]) -> None:
 
 def export_hf(model, cfg, tokenizer_dir: str | Path, out_dir: str | Path) -> Path | None:
     """Gather the full weights to rank 0 and write a standard HF directory (safetensors +
-    config + tokenizer, ``hf_io.to_hf``), atomically. Other ranks return None."""
+    config + tokenizer, ``hf_io.to_hf``), atomically. Other ranks return None. A model with
+    LoRA adapters is written merged (W + (alpha/r)·B·A), a plain model any HF loader runs."""
     from steelworks.train.hf_io import to_hf
+    from steelworks.train.lora import is_adapter_param, merge_adapters
 
     rank, _ = _dist()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         _barrier()
         return None
+    if any(is_adapter_param(k) for k in full):
+        full = merge_adapters(full, model)
     out = to_hf({k: v.float() for k, v in full.items()}, cfg, out_dir, tokenizer_dir)
     _barrier()
     return out

@@ -1,4 +1,8 @@
-"""Configuration of pretraining and SFT (one loop serves both; ``task`` tells them apart)."""
+"""Configuration of pretraining and SFT (one loop serves both; ``task`` tells them apart).
+
+Imported by light code (the CLI, the pipeline driver): no torch or peft here. The LoRA
+dataclasses live here for that reason; ``train/lora.py`` holds what applies them.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,74 @@ class ModelConfig:
     max_position_embeddings: int | None = None
     rope_theta: float | None = None
     tie_word_embeddings: bool | None = None
+
+
+# Every nn.Linear inside a decoder layer (model.py's Attention and MLP).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters: each targeted weight W [out, in] is used as W + (alpha/r)·B·A with
+    A [r, in] and B [out, r] trained and W frozen. ``dropout`` applies to the adapter's input
+    only (peft's ``lora_dropout``)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"lora.r must be an integer >= 1 (the adapter rank), got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be a number > 0 (the scale is alpha / r), got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be a number in [0, 1), got {self.dropout!r}")
+        targets = self.target_modules
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
+            raise ValueError(f"lora.target_modules must be a non-empty list of module names from "
+                             f"{', '.join(PROJECTIONS)}; got {targets!r}")
+        unknown = [t for t in targets if t not in PROJECTIONS]
+        if unknown:
+            raise ValueError(f"lora.target_modules: {', '.join(map(repr, unknown))} matches no "
+                             f"linear layer of the decoder's layers; valid: {', '.join(PROJECTIONS)}")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"lora.target_modules lists a module twice: {list(targets)}")
+        # A set in effect (peft stores one): kept in PROJECTIONS' order, so a config read back
+        # from adapter_config.json equals the one saved.
+        self.target_modules = [t for t in PROJECTIONS if t in targets]
+        self.alpha, self.dropout = float(self.alpha), float(self.dropout)
+
+    @property
+    def scaling(self) -> float:
+        """The factor on B·A (plain LoRA's alpha / r; rsLoRA's alpha / sqrt(r) is not used)."""
+        return self.alpha / self.r
+
+
+@dataclass
+class LoraTrainConfig(LoraConfig):
+    """``train.lora``: the adapter (``LoraConfig``'s fields) and how a training stage uses it.
+
+    The stage always exports ``hf/`` as the merged model (W + (alpha/r)·B·A), so the eval and
+    serve stages read it unchanged; ``save_adapter`` also writes ``adapter/`` in peft's format
+    (``PeftModel.from_pretrained`` on the transformers base model opens it)."""
+
+    save_adapter: bool = True
+    # QLoRA (a 4-bit base). Reserved, not implemented: a frozen bitsandbytes base under our
+    # FSDP2 sharding, DCP checkpoints and the merged export are untested paths, and a run that
+    # silently trained a full-precision base instead would not be what was asked for.
+    quantize: str | None = None  # "4bit" or None; a str checked here, for a clearer error
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quantize not in (None, "4bit"):
+            raise ValueError(f"lora.quantize must be '4bit' (QLoRA) or null, got {self.quantize!r}")
+        if self.quantize is not None:
+            raise ValueError(f"lora.quantize={self.quantize!r} (QLoRA) is not implemented yet, on "
+                             "any machine; remove lora.quantize to train plain LoRA on a "
+                             "full-precision base")
 
 
 @dataclass
@@ -77,6 +149,10 @@ class TrainConfig:
     max_failures: int = 0  # Ray Train restarts the worker group from the last checkpoint
     tensorboard: bool = True  # event files under <out>/tensorboard
     wandb_project: str | None = None  # logs to wandb when set and wandb is installed
+    # LoRA fine-tuning (None: every weight trains). Needs a base model to adapt, so the stage
+    # must start from one (SFT's init_from, the pretrain stage's hf/); checkpoints then hold
+    # the adapters and their optimizer state only, and the base is re-read on resume.
+    lora: LoraTrainConfig | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 and self.epochs is None:

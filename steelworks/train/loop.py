@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from steelworks.platform.config import from_dict
+from steelworks.platform.config import ConfigError, from_dict
 from steelworks.train.checkpoint import (
     AsyncCheckpointer,
     export_hf,
@@ -179,35 +179,54 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build_model(job: dict[str, Any], cfg: TrainConfig, device: torch.device, bf16: bool):
-    """-> (our decoder, sharded and on ``device``, its parameter count)."""
+    """-> (our decoder, sharded and on ``device``, its parameter count, how many of them
+    train). With ``cfg.lora`` the adapters go on after loading and before sharding."""
     from steelworks.data.tokenizer import load_tokenizer
     from steelworks.train.hf_io import from_hf
     from steelworks.train.model import build_decoder
     from steelworks.train.models import count_params, decoder_config
 
+    if cfg.lora is not None and not job.get("init_from"):
+        raise ConfigError(
+            f"train.lora is set, but the {job.get('task', 'train')} run starts from scratch (no "
+            "init_from): LoRA adapts a trained base model and would train adapters on random "
+            "weights. Use lora on a stage that starts from an HF model (sft: its init_from is "
+            "the pretrain stage's hf/), or remove lora to train every weight.")
     if job.get("init_from"):
-        # Fine-tuning: every rank loads the same HF checkpoint, then FSDP2 shards it.
+        # Fine-tuning: every rank loads the same HF checkpoint, then FSDP2 shards it. On
+        # resume this re-reads the base too: a LoRA checkpoint holds the adapters only.
         model = from_hf(job["init_from"], device)
+        if cfg.lora is not None:
+            from steelworks.train.lora import apply_lora
+
+            apply_lora(model, cfg.lora)  # before parallelize: fully_shard sees the LoRA layers
     else:
         # From scratch: built on meta, sharded, then only each rank's shard is allocated.
         tok = load_tokenizer(job["tokenizer_dir"])
         model = build_decoder(decoder_config(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id), "meta")
     n_params = count_params(model)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.info("parameters: %s trainable of %s (%.2f%%)%s", f"{n_trainable:,}", f"{n_params:,}",
+                 100 * n_trainable / max(n_params, 1), ", LoRA" if cfg.lora is not None else "")
     model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
                         compile=cfg.compile)
     if not job.get("init_from"):
         materialize(model, device, cfg.seed)
-    return model, n_params
+    return model, n_params, n_trainable
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (fused); no weight decay on norms, biases and other 1-D parameters."""
+    """AdamW (fused) over the parameters that train (with LoRA, the adapters only: frozen
+    ones get no state); no weight decay on norms, biases and other 1-D parameters."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr,
+                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
 
 
 def _save(job: dict[str, Any], step: int, rank: int, model, optimizer, extra: dict[str, Any],
@@ -306,6 +325,14 @@ class _LogWindow:
                 "mfu": tps * self.flops, "epoch": epoch, "memory_gb": _peak_memory_gb(self.device)}
 
 
+def _progress_bar(job: dict[str, Any], total_steps: int, step: int):
+    """Rank 0's progress bar on stderr, starting at ``step`` (a resumed run's)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total_steps, initial=step, desc=job.get("task", "train"), unit="step",
+                file=sys.stderr, dynamic_ncols=True)
+
+
 def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, Any]:
     from steelworks.train.hf_io import hf_config
 
@@ -315,9 +342,12 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     rank, world, device = _init_distributed(cfg.use_gpu)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    # Before seeding: on CPU the first call in a process measures with random matrices, which
+    # would shift the random stream training draws from (LoRA dropout) by the process's past.
+    peak = peak_flops(device.type) * world
     torch.manual_seed(cfg.seed)
 
-    model, n_params = _build_model(job, cfg, device, bf16)
+    model, n_params, n_trainable = _build_model(job, cfg, device, bf16)
     model_cfg = model.config
     kernels = model.use_kernels(cfg.kernels, device)
     model.train()
@@ -348,13 +378,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
         report({"step": step}, resume)
 
     fpt = flops_per_token(hf_config(model_cfg), loader.index.seq_len - 1)
-    peak = peak_flops(device.type) * world
-    progress = None
-    if rank == 0:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=step, desc=job.get("task", "train"),
-                        unit="step", file=sys.stderr, dynamic_ncols=True)
+    progress = _progress_bar(job, total_steps, step) if rank == 0 else None
     last: dict[str, Any] = {}
     # Under Ray Train, CheckpointConfig(num_to_keep) prunes what was reported.
     keep_last = None if job.get("ray") else cfg.keep_last
@@ -396,16 +420,28 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
             report((row or {"step": step}) if i == len(saved) - 1 else {"step": step}, ckpt)
     if progress is not None:
         progress.close()
-    export_hf(model, model_cfg, job["tokenizer_dir"], out_dir / "hf")
+    _export(job, cfg, model, model_cfg, out_dir)
     metrics.plot(out_dir / "loss.png", f"{job.get('task', 'train')} loss")
     metrics.close()
-    summary = {"final_step": step, "params": n_params, "world_size": world, "kernels": kernels,
+    summary = {"final_step": step, "params": n_params, "trainable_params": n_trainable,
+               "world_size": world, "kernels": kernels,
                "flops_per_token": fpt, **{k: v for k, v in last.items() if k != "step"}}
     if rank == 0:
         from steelworks.platform.atomic import atomic_write_json
 
         atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _export(job: dict[str, Any], cfg: TrainConfig, model, model_cfg, out_dir: Path) -> None:
+    """``hf/``, always a plain HF model (with LoRA: merged, W + (alpha/r)·B·A), so eval and
+    serve read any train stage alike; with ``lora.save_adapter`` also ``adapter/``, peft's
+    format for the base in ``init_from``. Every rank calls both (the gathers are collective)."""
+    export_hf(model, model_cfg, job["tokenizer_dir"], out_dir / "hf")
+    if cfg.lora is not None and cfg.lora.save_adapter:
+        from steelworks.train.lora import save_adapter
+
+        save_adapter(model, cfg.lora, out_dir / "adapter", Path(job["init_from"]).resolve())
 
 
 def _reporter(job: dict[str, Any]):

@@ -26,7 +26,13 @@ Scope: plain LoRA on the linear projections inside the decoder layers (one adapt
 ``default``). Not the LM head: with tied embeddings its weight is the embedding, and the fused
 cross-entropy kernel reads ``lm_head.weight`` directly, which would skip an adapter there.
 Under FSDP2, ``adapter_state_dict``, ``save_adapter`` and ``merged_state_dict`` gather full
-tensors (a collective: call them on every rank); ``load_adapter`` runs before sharding.
+tensors (a collective: call them on every rank; ``save_adapter`` writes on rank 0 only);
+``load_adapter`` runs before sharding.
+
+The training stages use this module when ``train.lora`` is set (``LoraTrainConfig`` in
+train/config.py, where ``LoraConfig`` is defined too, free of torch): train/loop.py applies
+the adapters after ``from_hf`` and before ``parallelize``, checkpoint.py saves only the
+trainable state, and the export writes ``hf/`` merged (``merge_adapters``) and ``adapter/``.
 """
 
 from __future__ import annotations
@@ -34,19 +40,20 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+# The dataclass lives with the train config (light code imports that without torch); it is
+# re-exported here, where it has always been imported from.
+from steelworks.train.config import PROJECTIONS, LoraConfig  # noqa: F401 (re-exported)
+
 ADAPTER = "default"  # peft's adapter name; we keep one adapter per model
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model, in peft's file keys
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# Every nn.Linear inside a decoder layer (model.py's Attention and MLP).
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # adapter_config.json fields that change the maths beyond plain LoRA, with their plain values:
 # a file that sets any other value is refused rather than loaded into something different.
 PLAIN_PEFT = {"bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
@@ -55,51 +62,12 @@ PLAIN_PEFT = {"bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fa
               "trainable_token_indices": None, "layer_replication": None}
 
 
-@dataclass
-class LoraConfig:
-    """Low-rank adapters: each targeted weight W [out, in] is used as W + (alpha/r)·B·A with
-    A [r, in] and B [out, r] trained and W frozen. ``dropout`` applies to the adapter's input
-    only (peft's ``lora_dropout``)."""
+def to_peft(cfg: LoraConfig, **extra: Any):
+    """The ``peft.LoraConfig`` for ``cfg`` (``extra``: e.g. ``task_type``)."""
+    import peft
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"lora.r must be an integer >= 1 (the adapter rank), got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"lora.alpha must be a number > 0 (the scale is alpha / r), got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be a number in [0, 1), got {self.dropout!r}")
-        targets = self.target_modules
-        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
-            raise ValueError(f"lora.target_modules must be a non-empty list of module names from "
-                             f"{', '.join(PROJECTIONS)}; got {targets!r}")
-        unknown = [t for t in targets if t not in PROJECTIONS]
-        if unknown:
-            raise ValueError(f"lora.target_modules: {', '.join(map(repr, unknown))} matches no "
-                             f"linear layer of the decoder's layers; valid: {', '.join(PROJECTIONS)}")
-        if len(set(targets)) != len(targets):
-            raise ValueError(f"lora.target_modules lists a module twice: {list(targets)}")
-        # A set in effect (peft stores one): kept in PROJECTIONS' order, so a config read back
-        # from adapter_config.json equals the one saved.
-        self.target_modules = [t for t in PROJECTIONS if t in targets]
-        self.alpha, self.dropout = float(self.alpha), float(self.dropout)
-
-    @property
-    def scaling(self) -> float:
-        """The factor on B·A (plain LoRA's alpha / r; rsLoRA's alpha / sqrt(r) is not used)."""
-        return self.alpha / self.r
-
-    def to_peft(self, **extra: Any):
-        """The ``peft.LoraConfig`` for this config (``extra``: e.g. ``task_type``)."""
-        import peft
-
-        return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                               target_modules=list(self.target_modules), bias="none", **extra)
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                           target_modules=list(cfg.target_modules), bias="none", **extra)
 
 
 def is_adapter_param(name: str) -> bool:
@@ -134,7 +102,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     if has_adapters(model):
         raise ValueError("the model already has LoRA adapters; apply_lora adds one set only")
     _check_targets(model, cfg)
-    peft.inject_adapter_in_model(cfg.to_peft(), model, adapter_name=ADAPTER)
+    peft.inject_adapter_in_model(to_peft(cfg), model, adapter_name=ADAPTER)
     # peft freezes the base already (bias="none"); set it here too, since the freeze is
     # this function's contract and must not depend on a library default.
     for name, p in model.named_parameters():
@@ -179,8 +147,15 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ``hf_io.to_hf(merged_state_dict(model), model.config, out_dir)`` writes a model that any
     HF loader runs without peft, with the adapted model's outputs. The sum is computed in fp32
     and stored in W's dtype; the model itself is not changed (training may go on)."""
-    state = {k: _full(v) for k, v in model.state_dict().items()}
-    merged = base_state_dict(model)
+    return merge_adapters({k: _full(v) for k, v in model.state_dict().items()}, model)
+
+
+def merge_adapters(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``merged_state_dict`` of ``model`` from ``state``, its full state dict under the model's
+    own names (``X.base_layer.weight``, ``X.lora_A.default.weight``): e.g. what
+    ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` gathers to rank 0 alone,
+    so an FSDP2 export holds the full model on one rank's host memory only."""
+    merged = {k.replace(".base_layer.", "."): v for k, v in state.items() if not is_adapter_param(k)}
     for name, layer in _lora_modules(model).items():
         if ADAPTER not in layer.lora_A:
             continue
@@ -202,10 +177,16 @@ def _check_out_dir(out_dir: Path) -> None:
 
 def _peft_config_json(cfg: LoraConfig, base_model_dir: str | Path) -> dict[str, Any]:
     """adapter_config.json as ``PeftModel.save_pretrained`` writes it (peft's own to_dict)."""
-    config = cfg.to_peft(task_type="CAUSAL_LM", base_model_name_or_path=str(base_model_dir),
+    config = to_peft(cfg, task_type="CAUSAL_LM", base_model_name_or_path=str(base_model_dir),
                          inference_mode=True).to_dict()
     # to_dict keeps sets and enums; peft's save_pretrained turns them into lists and strings
     return json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path,
@@ -214,7 +195,9 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path,
     for the base model in ``base_model_dir``, so that
     ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_dir), out_dir)``
     (and ``load_adapter``) give this model. Built in a temporary directory beside ``out_dir``,
-    config last, and renamed into place: a crash leaves the old adapter or the new one."""
+    config last, and renamed into place: a crash leaves the old adapter or the new one.
+    Under FSDP2 every rank calls it (the gather is a collective) and rank 0 alone writes;
+    the others return at once (the caller's next barrier waits for rank 0)."""
     from safetensors.torch import save_file
 
     from steelworks.platform.atomic import atomic_write_json
@@ -223,6 +206,8 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path,
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     state = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    if _rank() != 0:
+        return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
