@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from steelworks.platform.atomic import atomic_write_json
+from steelworks.platform.atomic import atomic_write_json, sha256_file
 from steelworks.platform.config import ConfigError, to_dict
 from steelworks.platform.rundir import Stage, list_outputs, read_manifest
 from steelworks.platform.settings import STAGES, PipelineConfig
@@ -46,6 +46,30 @@ def tokenizer_files(directory: str) -> list[Path]:
         return [d]
     return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")
                   and not p.name.endswith(_WEIGHT_SUFFIXES))
+
+
+def tokenizer_source(cfg: PipelineConfig) -> str | None:
+    """The pretrained tokenizer this run uses, or None to train one: ``tokenizer.pretrained_dir``
+    or the base model a train stage starts from (``init_from``), whose embedding was trained on
+    that tokenizer's ids. Two different ones are an error: a model fed another tokenizer's ids
+    learns noise. Tokenizers are compared by their tokenizer.json, so the same files in two
+    places agree."""
+    sources = {"tokenizer.pretrained_dir": cfg.tokenizer.pretrained_dir}
+    for name in ("pretrain", "sft"):
+        if name in cfg.stages:
+            sources[f"{name}.init_from"] = getattr(cfg, name).init_from
+    given = {key: d for key, d in sources.items() if d}
+    by_tokenizer: dict[str, list[str]] = {}
+    for key, d in given.items():
+        vocab = Path(d) / "tokenizer.json"
+        digest = sha256_file(vocab) if vocab.exists() else str(Path(d).resolve())
+        by_tokenizer.setdefault(digest, []).append(f"{key}={d}")
+    if len(by_tokenizer) > 1:
+        raise ConfigError("the run names different tokenizers: " + "; ".join(
+            " and ".join(keys) for keys in by_tokenizer.values()) + ". A base model must be "
+            "trained and fine-tuned with its own tokenizer: drop tokenizer.pretrained_dir "
+            "(the base model's is used) or point everything at one model directory")
+    return next(iter(given.values()), None)
 
 
 def _skip(stage: Stage, force: bool) -> bool:
@@ -129,7 +153,8 @@ def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     from steelworks.data.pack import build_sft, pack_pretrain
     from steelworks.data.tokenizer import load_tokenizer, tokenizer_summary, train_tokenizer
 
-    pretrained = tokenizer_files(cfg.tokenizer.pretrained_dir) if cfg.tokenizer.pretrained_dir else []
+    source = tokenizer_source(cfg)  # a pretrained tokenizer (or a base model's), or None: train one
+    pretrained = tokenizer_files(source) if source else []
     stage = _open(cfg, "tokenizer", {"tokenizer": to_dict(cfg.tokenizer), "pack": to_dict(cfg.pack),
                                      "mix": to_dict(cfg.data.mix), "ratios": mix_ratios(cfg)},
                   ["data"], reads=pretrained)
@@ -140,9 +165,9 @@ def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     clean = sorted(data_dir / f for f in data["outputs"] if f.startswith("clean/"))
     sft = sorted(data_dir / f for f in data["outputs"] if f.startswith("sft/"))
     tok_dir = stage.dir / "tokenizer"
-    if cfg.tokenizer.pretrained_dir:
-        tok = load_tokenizer(cfg.tokenizer.pretrained_dir)
-        tok.save_pretrained(tok_dir)
+    if source:
+        tok = load_tokenizer(source)
+        tok.save_pretrained(tok_dir)  # with its chat template: SFT chats are encoded with it
     else:
         def texts():  # a bounded sample, streamed from the cleaned shards
             n = 0
@@ -220,25 +245,36 @@ def _settle_resume(stage: Stage, name: str, tcfg: Any, restart: bool) -> None:
 
 def _run_train_stage(cfg: PipelineConfig, name: str, force: bool, restart: bool = False) -> dict[str, Any]:
     tcfg = cfg.pretrain if name == "pretrain" else cfg.sft
-    if name == "pretrain" and tcfg.lora is not None:
+    base = tcfg.init_from  # an external HF model to start from, else ours
+    if name == "pretrain" and tcfg.lora is not None and not base:
         # Said here, before a stage directory or a Ray job exists (the loop says it too).
         raise ConfigError("pretrain.lora is set, but pretraining starts from scratch: LoRA "
                           "adapts a trained base model. Set sft.lora instead (SFT starts from "
-                          "the pretrain stage's hf/), or remove pretrain.lora.")
-    inputs = ["tokenizer"] if name == "pretrain" else ["tokenizer", "pretrain"]
-    stage = _open(cfg, name, to_dict(tcfg), inputs)
+                          "the pretrain stage's hf/), pretrain.init_from, or remove pretrain.lora.")
+    # SFT of an external base needs no pretrain stage (``stages:`` may leave it out).
+    inputs = ["tokenizer"] if name == "pretrain" or base else ["tokenizer", "pretrain"]
+    # Keyed on the base's config and tokenizer files, not its weights (GBs to hash on every
+    # run): replacing weights in place under the same config needs --restart.
+    stage = _open(cfg, name, to_dict(tcfg), inputs, reads=tokenizer_files(base) if base else [])
     # --force re-runs a train stage from its checkpoints (a finished one just exports again);
     # only --restart starts it over.
     if not (force or restart) and stage.is_current():
         log.info("stage %s is up to date (%s); skipping (--force re-runs)", name, stage.dir)
         return read_manifest(stage.dir)
+    if base:
+        from steelworks.data.tokenizer import load_tokenizer
+        from steelworks.train.hf_io import check_base_model
+
+        # A missing file or a foreign tokenizer, named before anything in the stage changes.
+        check_base_model(base, len(load_tokenizer(stage.inputs["tokenizer"] / "tokenizer")))
+        log.info("stage %s starts from %s (%s.model is not used)", name, base, name)
     _settle_resume(stage, name, tcfg, restart)  # before invalidating: a refusal changes nothing
     stage.invalidate()
     tok_dir = stage.inputs["tokenizer"]
     job = {"task": name, "train": to_dict(tcfg), "tokenizer_dir": str(tok_dir / "tokenizer"),
            "data_dir": str(tok_dir / "shards" / ("pretrain" if name == "pretrain" else "sft")),
            "out_dir": str(stage.dir),
-           "init_from": str(stage.inputs["pretrain"] / "hf") if name == "sft" else None}
+           "init_from": base or (str(stage.inputs["pretrain"] / "hf") if name == "sft" else None)}
     from steelworks.train.driver import run_training
 
     summary = run_training(job, tcfg, use_ray=tcfg.num_workers > 0)

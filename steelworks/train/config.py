@@ -117,6 +117,11 @@ class OptimConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # A local Hugging Face directory (Qwen2/Llama: config.json, safetensors, tokenizer) to start
+    # from instead of this run's own model: continued pretraining (pretrain.init_from) or SFT
+    # of an existing base (sft.init_from, no pretrain stage needed). Its tokenizer and chat
+    # template become the run's (the tokenizer stage uses them); ``model`` is then ignored.
+    init_from: str | None = None
     max_steps: int = 100
     epochs: float | None = None  # if set, max_steps is derived from the data size
     micro_batch_size: int = 8  # sequences per worker per micro step

@@ -83,6 +83,26 @@ def _weight_files(path: Path) -> list[Path]:
                             "checkpoints are not read, convert them with save_pretrained first")
 
 
+def check_base_model(path: str | Path, tokenizer_vocab: int | None = None) -> DecoderConfig:
+    """What a stage checks before it starts from an HF directory (no weights are read): the
+    directory and its config.json exist, the architecture is one our decoder implements, the
+    safetensors weights are there, and the model's embedding covers the tokenizer's ids. Each
+    failure names the file it concerns."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} is missing: {path} is not a Hugging Face model directory")
+    cfg = config_from_hf(json.loads(config_file.read_text(encoding="utf-8")), str(config_file))
+    _weight_files(path)  # raises naming the missing weight file(s)
+    if tokenizer_vocab is not None and tokenizer_vocab > cfg.vocab_size:
+        raise ValueError(f"{config_file}: vocab_size {cfg.vocab_size} is smaller than the "
+                         f"tokenizer's {tokenizer_vocab} tokens: the tokenizer is not this model's "
+                         "(use the model directory's own tokenizer)")
+    return cfg
+
+
 def from_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:
     """Load an HF Qwen2/Llama directory (config.json + safetensors) into our ``Decoder``."""
     from safetensors.torch import load_file
