@@ -184,6 +184,7 @@ CLIENTS = 4
 LOAD_BOUND_S = 90.0  # the whole load phase, replacement included, must end within this
 WARMUP_OK = 8  # successful requests before the kill
 AFTER_OK = 8  # successful requests started after the replacement was seen RUNNING
+SETTLE_S = 60.0  # after the load: how long the deployment may take to be back to 2 RUNNING
 APP = "steelworks"  # deploy()'s default application and deployment name
 HELLO = [{"role": "user", "content": "你好，你是谁？"}]
 
@@ -217,6 +218,21 @@ def _deployment_status():
 
     app = serve.status().applications.get(APP)
     return app.deployments[APP] if app else None
+
+
+def _settled_status(victim: str | None):
+    """-> (deployment status, live replica actors, seconds waited) once the deployment is
+    HEALTHY with two RUNNING replicas and without ``victim``, or after ``SETTLE_S``."""
+    t0 = time.monotonic()
+    while True:
+        status, actors = _deployment_status(), _replica_actors()
+        settled = (status is not None and status.status == "HEALTHY"
+                   and status.replica_states == {"RUNNING": 2} and victim not in actors
+                   and len(actors) == 2)
+        waited = time.monotonic() - t0
+        if settled or waited > SETTLE_S:
+            return status, actors, (waited if waited > 0.5 else 0.0)
+        time.sleep(0.5)
 
 
 def _one_request(client, stream: bool) -> None:
@@ -267,7 +283,8 @@ def test_killed_serve_replica_is_replaced_under_load(ray_local, tiny_model_dir):
             time.sleep(0.2)
 
     threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(CLIENTS)]
-    status, after = None, set()
+    status, after, settle_s = None, set(), 0.0
+    victim_state: dict[str, str] = {}
     try:
         # Two replicas of one logical CPU each fit the session's 4-CPU cluster (CPU-only).
         url = deploy(tiny_model_dir, ServeConfig(port=_free_port(), model_name="steel",
@@ -280,7 +297,7 @@ def test_killed_serve_replica_is_replaced_under_load(ray_local, tiny_model_dir):
             t.start()
         wait_for(lambda: sum(o.error is None for o in outcomes) >= WARMUP_OK, bound, "warm-up")
 
-        victim = sorted(before)[0]
+        victim = victim_state["victim"] = sorted(before)[0]
         with lock:
             n_before = len(outcomes)
         t_kill = time.monotonic()
@@ -304,14 +321,13 @@ def test_killed_serve_replica_is_replaced_under_load(ray_local, tiny_model_dir):
                 t.join(REQUEST_TIMEOUT_S + 5)
         hung = [t.name for t in threads if t.is_alive()]
         try:
-            status = _deployment_status()
-            after = _replica_actors()
+            status, after, settle_s = _settled_status(victim_state.get("victim"))
         finally:
             shutdown()
     t_end = time.monotonic()
 
     assert not hung, f"client threads still blocked after stop: {hung}"
-    assert t_end - t_begin < LOAD_BOUND_S + REQUEST_TIMEOUT_S + 5
+    assert t_end - t_begin - settle_s < LOAD_BOUND_S + REQUEST_TIMEOUT_S + 5
     # No request hung: each finished or failed within its timeout (plus scheduling slack).
     assert max(o.end - o.start for o in outcomes) < REQUEST_TIMEOUT_S + 5
     errors = [o for o in outcomes if o.error]
@@ -328,10 +344,16 @@ def test_killed_serve_replica_is_replaced_under_load(ray_local, tiny_model_dir):
     in_flight = [o for o in outcomes if o.start < t_kill < o.end]
     assert in_flight, "no request was in flight when the replica was killed"
     assert any(o.error is None and t_kill < o.start and o.end < t_replaced for o in outcomes)
-    # Replaced: HEALTHY, two RUNNING replicas, the killed one gone and one new id.
-    assert status is not None and status.status == "HEALTHY", status
+    # Replaced: HEALTHY, two RUNNING replicas, the killed one gone. Normally exactly one new
+    # id; on a loaded 2-core CI runner the controller once marked a second replica unhealthy
+    # after the replacement (a health check that did not answer in time) and replaced it as
+    # well, so the end state is awaited (SETTLE_S) and any extra replacement is printed.
+    assert status is not None and status.status == "HEALTHY", (status, settle_s)
     assert status.replica_states == {"RUNNING": 2}, status
-    assert victim not in after and len(after) == 2 and len(after - before) == 1, (before, after)
+    assert victim not in after and len(after) == 2 and len(after - before) >= 1, (before, after)
+    if len(after - before) > 1 or settle_s > 0:
+        print(f"serve fault: the deployment settled {settle_s:.1f} s after the load stopped; "
+              f"new replicas {sorted(after - before)} (one replaces the victim)")
     print(f"serve fault: {len(outcomes)} requests, {len(in_flight)} in flight at the kill, "
           f"{len(errors)} failed "
           f"({sorted({o.error.split(':')[0] for o in errors})}); replaced in "
