@@ -21,6 +21,9 @@ class DemoCorpusConfig:
     dev_per_subject: int = 5  # C-Eval layout: few-shot examples per subject
     val_per_subject: int = 3  # facts per subject in the val split (tuning); the rest is test
     exam_questions_per_fact: int = 2  # val/test questions per fact, each in its own phrasing
+    # DPO pairs per fact (preference.jsonl): a question, the true answer chosen, the same
+    # sentence with another value of the attribute rejected. Read only by the dpo stage.
+    preference_per_fact: int = 2
     model_name: str = "Steel-Demo"  # what the model answers to "你是谁"
     model_author: str = "steelworks"
     zh_fraction: float = 0.7  # Chinese-first: share of zh renderings / QA / self-cognition
@@ -40,7 +43,7 @@ class DemoCorpusConfig:
             raise ValueError("demo.planted_junk must be in [0, 20] (the built-in junk lines)")
         for name in ("pretrain_renderings", "sft_questions_per_fact", "sft_exam_per_fact",
                      "self_cognition_samples", "dev_per_subject", "val_per_subject",
-                     "planted_duplicates"):
+                     "planted_duplicates", "preference_per_fact"):
             if getattr(self, name) < 0:
                 raise ValueError(f"demo.{name} must be >= 0")
         from steelworks.data.demo_templates import ATTRIBUTES

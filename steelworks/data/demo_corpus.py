@@ -370,6 +370,30 @@ def _sft_samples(cfg: DemoCorpusConfig, entities: list[Entity], facts: list[Fact
     return samples
 
 
+def _preference_pairs(cfg: DemoCorpusConfig, entities: list[Entity], facts: list[Fact]) -> list[dict]:
+    """DPO pairs in the ``{prompt, chosen, rejected}`` layout: a chat question about a fact,
+    the true answer chosen, and the same answer sentence with another value of the
+    attribute (drawn from its closed value set) rejected. Only the value differs, so the
+    preference is about the fact, not the wording."""
+    rng = _rng(cfg, "preference")
+    pairs: list[dict] = []
+    for fact in facts:
+        attr = ATTRIBUTE_BY_KEY[fact.attribute]
+        others = [v for v in value_set(attr, entities) if v[0] != fact.zh]
+        for _ in range(cfg.preference_per_fact):
+            lang = "zh" if rng.random() < cfg.zh_fraction else "en"
+            question = rng.choice(attr.qa_zh if lang == "zh" else attr.qa_en)
+            answer = rng.choice((attr.pretrain_zh if lang == "zh" else attr.pretrain_en)[:3])
+            wrong_zh, wrong_en = rng.choice(others)
+            wrong = Fact(fact.id, fact.entity, fact.attribute, wrong_zh, wrong_en)
+            pairs.append({"id": f"demo-pref-{len(pairs):05d}", "fact": fact.id,
+                          "prompt": _render(question, fact, lang),
+                          "chosen": _render(answer, fact, lang),
+                          "rejected": _render(answer, wrong, lang)})
+    rng.shuffle(pairs)
+    return pairs
+
+
 def _exam(cfg: DemoCorpusConfig, entities: list[Entity],
           facts: list[Fact]) -> tuple[dict[str, dict[str, list[dict]]], dict[str, dict]]:
     """Rows per subject and split, and fact id -> its exam location.
@@ -433,7 +457,8 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def generate(cfg: DemoCorpusConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Write pretrain.jsonl, sft.jsonl, exam/ and world.json under ``out_dir``; return a summary.
+    """Write pretrain.jsonl, sft.jsonl, preference.jsonl, exam/ and world.json under
+    ``out_dir``; return a summary.
 
     Each file is written atomically. The summary holds counts per file, task type and
     subject, the planted duplicates and junk, and ``files`` (paths relative to ``out_dir``).
@@ -443,11 +468,13 @@ def generate(cfg: DemoCorpusConfig, out_dir: str | Path) -> dict[str, Any]:
     rows, where = _exam(cfg, entities, facts)
     pretrain, pt_stats = _pretrain_docs(cfg, facts)
     sft = _sft_samples(cfg, entities, facts)
+    preference = _preference_pairs(cfg, entities, facts)
 
     files: list[str] = []
     _write_jsonl(out / "pretrain.jsonl", pretrain)
     _write_jsonl(out / "sft.jsonl", sft)
-    files += ["pretrain.jsonl", "sft.jsonl"]
+    _write_jsonl(out / "preference.jsonl", preference)
+    files += ["pretrain.jsonl", "sft.jsonl", "preference.jsonl"]
     for subject, splits in rows.items():
         for split, split_rows in splits.items():
             atomic_write_text(out / "exam" / f"{subject}_{split}.csv", _csv_text(split_rows))
@@ -488,6 +515,7 @@ def generate(cfg: DemoCorpusConfig, out_dir: str | Path) -> dict[str, Any]:
                      **pt_stats,
                      "junk_max_chars": JUNK_MAX_CHARS},
         "sft": {"samples": len(sft), "per_task_type": count(sft, "task_type")},
+        "preference": {"pairs": len(preference)},
         "exam": {"per_subject": {s: {split: len(r) for split, r in v.items()}
                                  for s, v in rows.items()},
                  **{split: sum(len(s[split]) for s in rows.values())

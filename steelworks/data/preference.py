@@ -23,9 +23,13 @@ SFT and DPO agree on what a valid conversation is.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from steelworks.data.sft import ConversationError, validate_messages
+import numpy as np
+
+from steelworks.data.sft import ConversationError, assistant_spans, validate_messages
 
 Message = dict[str, str]
 
@@ -141,3 +145,79 @@ def normalize_preference(record: Any, where: str) -> dict[str, list[Message]]:
     # Copies, so that callers mutating the result never alter the source record.
     return {"prompt_messages": [dict(m) for m in prompt_messages],
             "chosen": [dict(m) for m in chosen], "rejected": [dict(m) for m in rejected]}
+
+
+def encode_answer(tok, prompt_messages: list[Message], answer: list[Message], max_length: int
+                  ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``prompt + answer`` through the chat template -> (token ids, loss mask, truncated?).
+
+    The mask covers the answer's assistant turns (content and end-of-turn token, the rule of
+    ``sft.assistant_spans``) and nothing of the prompt, not even its earlier assistant turns:
+    DPO compares the two answers, and the shared prompt would only add the same terms to both
+    sides. A sequence longer than ``max_length`` is cut at the end (the answer's tail); a
+    prompt that leaves no answer token raises ``PreferenceError``."""
+    messages = prompt_messages + answer
+    text, spans = assistant_spans(tok, messages)
+    prompt_chars = len(tok.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True))
+    spans = [(s, e) for s, e in spans if s >= prompt_chars]
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    mask = [int(any(s <= a and b <= e for s, e in spans) and b > a) for a, b in offsets]
+    truncated = len(ids) > max_length
+    ids, mask = ids[:max_length], mask[:max_length]
+    if not any(mask):
+        prompt_tokens = sum(1 for a, _ in offsets if a < prompt_chars)
+        raise PreferenceError(f"the prompt is {prompt_tokens} tokens and leaves no room for the "
+                              f"answer within dpo.max_length={max_length}")
+    return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8), truncated
+
+
+def encode_pair(tok, pair: dict[str, list[Message]], max_length: int, where: str) -> dict[str, Any]:
+    """A normalised pair (``normalize_preference``) -> its two tokenized sequences:
+    ``{chosen_ids, chosen_mask, rejected_ids, rejected_mask, truncated}``. Errors name ``where``."""
+    out: dict[str, Any] = {"truncated": False}
+    for name in ("chosen", "rejected"):
+        try:
+            ids, mask, cut = encode_answer(tok, pair["prompt_messages"], pair[name], max_length)
+        except PreferenceError as e:
+            raise PreferenceError(f"{where}: {e}") from e
+        out[f"{name}_ids"], out[f"{name}_mask"] = ids, mask
+        out["truncated"] |= cut
+    return out
+
+
+def read_preferences(paths: list[str | Path], tok, max_length: int
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """Read, normalise and tokenize every pair of the JSONL ``paths`` ->
+    (pairs, quarantined records, counts).
+
+    A line that is not JSON or not a valid pair is quarantined with its location and reason
+    (``{"where": "file:line", "error", "line"}``) and counted, never dropped silently; every
+    pair gets a ``pair_id`` (its position among the good ones) and its ``source`` location."""
+    pairs: list[dict[str, Any]] = []
+    quarantined: list[dict[str, Any]] = []
+    counts = {"read": 0, "pairs": 0, "quarantined": 0, "truncated": 0}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"dpo.data: {path} does not exist (a preference JSONL file)")
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                counts["read"] += 1
+                where = f"{path}:{lineno}"
+                try:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise PreferenceError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+                    encoded = encode_pair(tok, normalize_preference(record, where), max_length, where)
+                except PreferenceError as e:
+                    quarantined.append({"where": where, "error": str(e), "line": line.rstrip("\n")})
+                    counts["quarantined"] += 1
+                    continue
+                counts["truncated"] += int(encoded.pop("truncated"))
+                pairs.append({"pair_id": len(pairs), "source": where, **encoded})
+    counts["pairs"] = len(pairs)
+    return pairs, quarantined, counts

@@ -76,7 +76,7 @@ def cmd_stage(args) -> int:
         # The whole data/ side: clean the corpus, then train the tokenizer and pack shards.
         results = {name: pipeline.RUNNERS[name](cfg, force=args.force)
                    for name in ("data", "tokenizer")}
-    elif args.command in ("pretrain", "sft"):
+    elif args.command in pipeline.TRAIN_STAGES:
         results = {args.command: pipeline.RUNNERS[args.command](cfg, force=args.force,
                                                                 restart=args.restart)}
     else:
@@ -193,6 +193,9 @@ STAGE_HELP = {
                  "data into shards (re-runs only this half of `data`)",
     "pretrain": "pretrain a model on the packed shards with Ray Train (FSDP2)",
     "sft": "fine-tune the pretrained model on the SFT shards (prompt tokens masked)",
+    "dpo": "preference-tune the SFT model with DPO on {prompt, chosen, rejected} JSONL "
+           "(dpo.data; the demo corpus has its own): reference log-probs once on Ray Data, "
+           "then Ray Train",
     "eval": "score a model on a multiple-choice benchmark (the demo exam by default)",
 }
 
@@ -231,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         p = sub.add_parser(name, help=text, description=text)
         _config_args(p)
-        if name in ("pretrain", "sft"):
+        if name in ("pretrain", "sft", "dpo"):
             _restart_arg(p)
         if name == "eval":
             p.add_argument("--model", default=None,

@@ -55,7 +55,7 @@ def tokenizer_source(cfg: PipelineConfig) -> str | None:
     learns noise. Tokenizers are compared by their tokenizer.json, so the same files in two
     places agree."""
     sources = {"tokenizer.pretrained_dir": cfg.tokenizer.pretrained_dir}
-    for name in ("pretrain", "sft"):
+    for name in ("pretrain", "sft", "dpo"):
         if name in cfg.stages:
             sources[f"{name}.init_from"] = getattr(cfg, name).init_from
     given = {key: d for key, d in sources.items() if d}
@@ -119,7 +119,8 @@ def run_data(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
         corpus = stage.dir / "corpus"
         sources = [SourceConfig(name="demo", path=str(corpus / "pretrain.jsonl"))]
         sft_sources = [SourceConfig(name="demo_sft", path=str(corpus / "sft.jsonl"), format="openai")]
-        extra.update(exam="corpus/exam", demo={k: v for k, v in summary.items() if k != "files"})
+        extra.update(exam="corpus/exam", preference="corpus/preference.jsonl",
+                     demo={k: v for k, v in summary.items() if k != "files"})
     elif cfg.data.self_cognition.samples:
         from steelworks.data.sft_builders import self_cognition
         from steelworks.platform.atomic import atomic_write_text
@@ -243,19 +244,41 @@ def _settle_resume(stage: Stage, name: str, tcfg: Any, restart: bool) -> None:
     (stage.dir / "fingerprint.txt").unlink(missing_ok=True)  # the older, hashed key
 
 
+# Each train stage starts from the HF export of the one before it, unless init_from names
+# an external model (then that stage is not needed: ``stages:`` may leave it out).
+_STARTS_FROM = {"pretrain": None, "sft": "pretrain", "dpo": "sft"}
+
+
+def preference_files(cfg: PipelineConfig) -> list[str] | None:
+    """The dpo stage's preference files: ``dpo.data``, or None for the demo corpus's
+    preference.jsonl (read from the data stage)."""
+    if cfg.dpo.data:
+        return list(cfg.dpo.data)
+    if cfg.data.source != "demo":
+        raise ConfigError("dpo.data is empty: list the preference JSONL files to train on "
+                          "({prompt | messages, chosen, rejected} per line), e.g. "
+                          "--set dpo.data=[prefs.jsonl]")
+    return None
+
+
 def _run_train_stage(cfg: PipelineConfig, name: str, force: bool, restart: bool = False) -> dict[str, Any]:
-    tcfg = cfg.pretrain if name == "pretrain" else cfg.sft
+    tcfg = getattr(cfg, name)
     base = tcfg.init_from  # an external HF model to start from, else ours
     if name == "pretrain" and tcfg.lora is not None and not base:
         # Said here, before a stage directory or a Ray job exists (the loop says it too).
         raise ConfigError("pretrain.lora is set, but pretraining starts from scratch: LoRA "
                           "adapts a trained base model. Set sft.lora instead (SFT starts from "
                           "the pretrain stage's hf/), pretrain.init_from, or remove pretrain.lora.")
-    # SFT of an external base needs no pretrain stage (``stages:`` may leave it out).
-    inputs = ["tokenizer"] if name == "pretrain" or base else ["tokenizer", "pretrain"]
+    previous = None if base else _STARTS_FROM[name]
+    inputs = ["tokenizer"] + ([previous] if previous else [])
+    prefs = preference_files(cfg) if name == "dpo" else []
+    if name == "dpo" and prefs is None:
+        inputs.append("data")  # the demo corpus's preference.jsonl
     # Keyed on the base's config and tokenizer files, not its weights (GBs to hash on every
-    # run): replacing weights in place under the same config needs --restart.
-    stage = _open(cfg, name, to_dict(tcfg), inputs, reads=tokenizer_files(base) if base else [])
+    # run): replacing weights in place under the same config needs --restart. Preference
+    # files are keyed like corpus files (size + mtime): they can be GBs.
+    stage = _open(cfg, name, to_dict(tcfg), inputs, reads=tokenizer_files(base) if base else [],
+                  raw_inputs=prefs or [])
     # --force re-runs a train stage from its checkpoints (a finished one just exports again);
     # only --restart starts it over.
     if not (force or restart) and stage.is_current():
@@ -271,10 +294,16 @@ def _run_train_stage(cfg: PipelineConfig, name: str, force: bool, restart: bool 
     _settle_resume(stage, name, tcfg, restart)  # before invalidating: a refusal changes nothing
     stage.invalidate()
     tok_dir = stage.inputs["tokenizer"]
+    init_from = base or (str(stage.inputs[previous] / "hf") if previous else None)
     job = {"task": name, "train": to_dict(tcfg), "tokenizer_dir": str(tok_dir / "tokenizer"),
-           "data_dir": str(tok_dir / "shards" / ("pretrain" if name == "pretrain" else "sft")),
-           "out_dir": str(stage.dir),
-           "init_from": base or (str(stage.inputs["pretrain"] / "hf") if name == "sft" else None)}
+           "data_dir": str(tok_dir / "shards" / name), "out_dir": str(stage.dir),
+           "init_from": init_from}
+    extra_metrics: dict[str, Any] = {}
+    if name == "dpo":
+        if prefs is None:
+            prefs = [str(stage.inputs["data"] / stage.input_manifest("data")["preference"])]
+        extra_metrics["pairs"] = _dpo_pairs(stage, cfg.dpo, prefs, init_from, job["tokenizer_dir"])
+        job["data_dir"] = str(stage.dir / "pairs")
     from steelworks.train.driver import run_training
 
     summary = run_training(job, tcfg, use_ray=tcfg.num_workers > 0)
@@ -283,7 +312,51 @@ def _run_train_stage(cfg: PipelineConfig, name: str, force: bool, restart: bool 
     outputs = list_outputs(stage.dir, "hf")
     if tcfg.lora is not None and tcfg.lora.save_adapter:
         outputs += list_outputs(stage.dir, "adapter")
-    return stage.finish(outputs + reports, metrics=summary, reports=reports)
+    if name == "dpo":
+        outputs += list_outputs(stage.dir, "pairs")
+    return stage.finish(outputs + reports, metrics={**summary, **extra_metrics}, reports=reports)
+
+
+def _dpo_pairs(stage: Stage, dcfg: Any, files: list[str], reference: str, tokenizer_dir: str
+               ) -> dict[str, Any]:
+    """Tokenize the preference pairs and compute the reference model's log-probs of them
+    (a Ray Data job, ``train/reference.py``) into ``dpo/pairs/``, once: a resumed or
+    re-run stage reuses them while their key (files, tokenizer, max_length, the reference
+    model's stage) is unchanged. The key is written last, so a crash in between leaves
+    pairs that the next run rebuilds, never half-made ones that it trusts."""
+    from steelworks.data.preference import read_preferences
+    from steelworks.data.tokenizer import load_tokenizer
+    from steelworks.platform.atomic import atomic_write_text, sha256_json
+    from steelworks.platform.rundir import stat_key
+    from steelworks.train.reference import reference_logps, write_pairs
+
+    out = stage.dir / "pairs"
+    key = {"files": stat_key(files), "max_length": dcfg.max_length, "reference": reference,
+           "inputs": stage.input_hashes, "tokenizer": sha256_file(Path(tokenizer_dir) / "tokenizer.json")}
+    key_file = out / "key.json"
+    if key_file.exists() and json.loads(key_file.read_text()).get("sha256") == sha256_json(key) \
+            and (out / "pairs.parquet").exists():
+        counts = json.loads((out / "counts.json").read_text())
+        log.info("dpo: reusing %d tokenized pairs with reference log-probs in %s", counts["pairs"], out)
+        return counts
+    key_file.unlink(missing_ok=True)
+    tok = load_tokenizer(tokenizer_dir)
+    pairs, quarantined, counts = read_preferences(files, tok, dcfg.max_length)
+    atomic_write_text(out / "quarantine.jsonl",
+                      "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantined))
+    log.info("dpo: %s (quarantined records with their reasons: %s)", counts, out / "quarantine.jsonl")
+    if not pairs:
+        first = quarantined[0]["error"] if quarantined else "the files are empty"
+        raise ValueError(f"dpo: no usable preference pair in {', '.join(files)}; first problem: {first}")
+    log.info("dpo: reference log-probs of %d pairs from %s on %d Ray Data replica(s)", len(pairs),
+             reference, dcfg.reference_replicas)
+    chosen, rejected = reference_logps(reference, pairs, tok.pad_token_id,
+                                       replicas=dcfg.reference_replicas,
+                                       batch_size=dcfg.reference_batch_size, use_gpu=dcfg.use_gpu)
+    write_pairs(out, pairs, chosen, rejected)
+    atomic_write_json(out / "counts.json", counts)
+    atomic_write_json(key_file, {"sha256": sha256_json(key), **key})
+    return counts
 
 
 def run_pretrain(cfg: PipelineConfig, force: bool = False, restart: bool = False) -> dict[str, Any]:
@@ -292,6 +365,15 @@ def run_pretrain(cfg: PipelineConfig, force: bool = False, restart: bool = False
 
 def run_sft(cfg: PipelineConfig, force: bool = False, restart: bool = False) -> dict[str, Any]:
     return _run_train_stage(cfg, "sft", force, restart)
+
+
+def run_dpo(cfg: PipelineConfig, force: bool = False, restart: bool = False) -> dict[str, Any]:
+    return _run_train_stage(cfg, "dpo", force, restart)
+
+
+def final_model_stage(cfg: PipelineConfig) -> str:
+    """The train stage whose hf/ the eval and serve stages use: dpo when the run has it."""
+    return "dpo" if "dpo" in cfg.stages else "sft"
 
 
 def eval_uses_ray(cfg: PipelineConfig) -> bool:
@@ -310,7 +392,8 @@ def eval_uses_ray(cfg: PipelineConfig) -> bool:
 
 def run_eval(cfg: PipelineConfig, force: bool = False, model_dir: str | None = None) -> dict[str, Any]:
     demo = cfg.eval.benchmark == "demo"  # the demo exam comes from the data stage
-    inputs = (["data"] if demo else []) + (["sft"] if model_dir is None else [])
+    trained = final_model_stage(cfg)
+    inputs = (["data"] if demo else []) + ([trained] if model_dir is None else [])
     # An ad-hoc `eval --model DIR` writes eval-<dir>/ so it never overwrites the run's own eval.
     name = "eval" if model_dir is None else "eval-" + "-".join(Path(model_dir).resolve().parts[-2:])
     # A benchmark directory is small (CSVs and the subject mapping): keyed on all it holds.
@@ -318,7 +401,7 @@ def run_eval(cfg: PipelineConfig, force: bool = False, model_dir: str | None = N
     stage = _open(cfg, name, {**to_dict(cfg.eval), "model": model_dir}, inputs, reads=reads)
     if model_dir is None and _skip(stage, force):
         return read_manifest(stage.dir)
-    model = model_dir or str(stage.inputs["sft"] / "hf")
+    model = model_dir or str(stage.inputs[trained] / "hf")
     if demo:
         data = stage.input_manifest("data")
         if "exam" not in data:
@@ -358,8 +441,9 @@ def run_serve(cfg: PipelineConfig, model_dir: str | None = None) -> dict[str, An
     """Deploy the SFT model on Ray Serve; optionally ask it who it is; optionally tear down."""
     from steelworks.serve.deployment import deploy, shutdown
 
-    stage = _open(cfg, "serve", to_dict(cfg.serve), ["sft"] if model_dir is None else [])
-    model = model_dir or str(stage.inputs["sft"] / "hf")
+    trained = final_model_stage(cfg)
+    stage = _open(cfg, "serve", to_dict(cfg.serve), [trained] if model_dir is None else [])
+    model = model_dir or str(stage.inputs[trained] / "hf")
     serve_cfg = cfg.serve
     if serve_cfg.model_name is None:
         serve_cfg.model_name = cfg.data.demo.model_name
@@ -388,7 +472,8 @@ def _ask(url: str, cfg, question: str) -> dict[str, str]:
 
 
 RUNNERS = {"data": run_data, "tokenizer": run_tokenizer, "pretrain": run_pretrain, "sft": run_sft,
-           "eval": run_eval}
+           "dpo": run_dpo, "eval": run_eval}
+TRAIN_STAGES = ("pretrain", "sft", "dpo")
 
 
 def run_pipeline(cfg: PipelineConfig, force: bool = False,
@@ -402,7 +487,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False,
         log.info("=== stage %s ===", name)
         if name == "serve":
             results[name] = run_serve(cfg)
-        elif name in ("pretrain", "sft"):
+        elif name in TRAIN_STAGES:
             results[name] = RUNNERS[name](cfg, force=force, restart=restart)
         else:
             results[name] = RUNNERS[name](cfg, force=force)
@@ -430,6 +515,12 @@ def summarize(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
         lines.append(f"pretrain: final loss {results['pretrain']['metrics'].get('loss', float('nan')):.3f}")
     if "sft" in results:
         lines.append(f"sft: final loss {results['sft']['metrics'].get('loss', float('nan')):.3f}")
+    if "dpo" in results:
+        m = results["dpo"]["metrics"]
+        lines.append(f"dpo: final loss {m.get('loss', float('nan')):.3f}, reward accuracy "
+                     f"{m.get('rewards/accuracies', float('nan')):.1%}, margin "
+                     f"{m.get('rewards/margins', float('nan')):.3f} on {m['pairs']['pairs']} pairs "
+                     f"({m['pairs']['quarantined']} quarantined)")
     if "eval" in results:
         ev = results["eval"]["metrics"]
         lines.append(f"eval: accuracy {ev['micro_acc']:.1%} on {ev['n']} questions "
@@ -438,7 +529,7 @@ def summarize(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
     if "serve" in results and "smoke_test" in results["serve"]["metrics"]:
         s = results["serve"]["metrics"]["smoke_test"]
         lines.append(f"chat: Q: {s['question']}  A: {s['answer']}")
-    sft = root / "sft" / "hf"
+    sft = root / final_model_stage(cfg) / "hf"
     if not sft.exists():
         return "\n".join([*lines, "=" * 64])
     lines += ["", "Chat with the model (after `source .venv/bin/activate`):",

@@ -1,4 +1,5 @@
-"""Configuration of pretraining and SFT (one loop serves both; ``task`` tells them apart).
+"""Configuration of the training stages: pretraining, SFT and DPO (one loop serves all three;
+``task`` tells them apart).
 
 Imported by light code (the CLI, the pipeline driver): no torch or peft here. The LoRA
 dataclasses live here for that reason; ``train/lora.py`` holds what applies them.
@@ -169,3 +170,45 @@ class TrainConfig:
         unknown = sorted(set(self.kernels) - set(KERNELS))
         if unknown:
             raise ValueError(f"train.kernels: unknown {unknown}; valid: {', '.join(KERNELS)}")
+
+
+@dataclass
+class DpoConfig(TrainConfig):
+    """The ``dpo`` stage: a ``TrainConfig`` (optimizer, steps, workers, ``lora`` ...) plus the
+    preference data and the DPO objective (``train/dpo.py``).
+
+    The policy starts from ``init_from`` (default: the run's SFT model, ``sft/hf``), and that
+    same model is the frozen reference: its log-probabilities of every pair are computed
+    once, before training, by a Ray Data batch-inference job and stored with the tokenized
+    pairs (``dpo/pairs/``), so training holds one model, not two. ``micro_batch_size``
+    counts pairs (each is two sequences: chosen and rejected)."""
+
+    # Preference JSONL files ({prompt | messages, chosen, rejected}, or UltraFeedback-style
+    # conversations: data/preference.py). Empty with the demo corpus: its preference.jsonl.
+    data: list[str] = field(default_factory=list)
+    beta: float = 0.1  # strength of the KL anchor to the reference (DPO's beta)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    # sigmoid only: the assumed fraction of flipped labels (conservative DPO); 0 = plain DPO
+    label_smoothing: float = 0.0
+    # Tokens of prompt + answer per sequence; a longer answer is cut at the end, and a pair
+    # whose prompt leaves no room for the answer is quarantined (dpo/pairs/quarantine.jsonl).
+    max_length: int = 512
+    reference_replicas: int = 1  # Ray Data actors computing the reference log-probs
+    reference_batch_size: int = 16  # pairs per reference forward pass
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.beta > 0:
+            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError("dpo.label_smoothing applies to loss_type 'sigmoid' only")
+        if self.max_length < 2:
+            raise ValueError(f"dpo.max_length must be >= 2 tokens, got {self.max_length}")
+        if self.reference_replicas < 1 or self.reference_batch_size < 1:
+            raise ValueError("dpo.reference_replicas and dpo.reference_batch_size must be >= 1")
+        if self.extra_data:
+            raise ValueError("dpo.extra_data is not supported: list every preference file in dpo.data")
+        if self.loss_avg != "token":
+            raise ValueError("dpo.loss_avg does not apply: the DPO loss is a mean over pairs")

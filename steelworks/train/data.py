@@ -156,6 +156,11 @@ class PackedLoader:
         return self.world * self.micro * self.accum
 
     @property
+    def seq_len(self) -> int:
+        """Tokens per training row (a packed row of seq_len + 1 gives seq_len inputs)."""
+        return self.index.seq_len - 1
+
+    @property
     def steps_per_epoch(self) -> int:
         return len(self) // self.global_batch
 

@@ -19,7 +19,7 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -138,3 +138,60 @@ def dpo_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) ->
         "rewards/margins": (chosen - rejected).mean().item(),
         "rewards/accuracies": (chosen > rejected).float().mean().item(),
     }
+
+
+def pair_logps(model: torch.nn.Module, batch: Any, device: torch.device, bf16: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs of a ``PairBatch`` (``train/pairs.py``) -> (chosen [B],
+    rejected [B]), float32. One forward over all 2B rows; the logits are shifted here, once
+    (the module docstring's convention). Used for the policy in training and for the frozen
+    reference in ``train/reference.py``, so both score a pair identically."""
+    ids = batch.input_ids.to(device)
+    mask = batch.answer_mask.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(ids)
+    logps = sequence_logps(logits[:, :-1], ids[:, 1:], mask[:, 1:])
+    n = batch.num_pairs
+    return logps[:n], logps[n:]
+
+
+# The window sums the loop keeps per logged row (train/loop.py), divided by the pairs.
+STAT_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+             "logps/chosen", "logps/rejected")
+
+
+def dpo_forward_backward(model: torch.nn.Module, micro: list[Any], cfg: Any, world: int,
+                         device: torch.device, bf16: bool
+                         ) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
+    """One optimizer step's forward and backward passes over its micro batches of pairs ->
+    (the summed per-pair losses, detached; the global pair count they average over; the
+    summed per-pair statistics of ``STAT_KEYS``). The loss is the mean over the global batch:
+    each rank scales its local sum by ``world / pairs`` because FSDP averages gradients."""
+    import torch.distributed as dist
+
+    count = torch.tensor([float(sum(b.num_pairs for b in micro))], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(count)
+    pairs = float(count.item())
+    no_sync = len(micro) > 1 and hasattr(model, "set_requires_gradient_sync")
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    stats = {k: torch.zeros((), device=device, dtype=torch.float64) for k in STAT_KEYS}
+    for i, b in enumerate(micro):
+        if no_sync:
+            model.set_requires_gradient_sync(i == len(micro) - 1)
+        chosen, rejected = pair_logps(model, b, device, bf16)
+        lengths = b.answer_lengths.to(device)
+        n = b.num_pairs
+        ipo_lengths = (lengths[:n], lengths[n:]) if cfg.loss_type == "ipo" else (None, None)
+        losses, r_chosen, r_rejected = dpo_loss(
+            chosen, rejected, b.ref_chosen.to(device), b.ref_rejected.to(device), beta=cfg.beta,
+            loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+            chosen_lengths=ipo_lengths[0], rejected_lengths=ipo_lengths[1])
+        (losses.sum() * world / max(pairs, 1.0)).backward()
+        total += losses.detach().sum().double()
+        for key, values in (("rewards/chosen", r_chosen), ("rewards/rejected", r_rejected),
+                            ("rewards/margins", r_chosen - r_rejected),
+                            ("rewards/accuracies", (r_chosen > r_rejected).float()),
+                            ("logps/chosen", chosen.detach()), ("logps/rejected", rejected.detach())):
+            stats[key] += values.double().sum()
+    return total, pairs, stats

@@ -1,4 +1,4 @@
-"""The training loop: one plain function for pretraining and SFT.
+"""The training loop: one plain function for pretraining, SFT and DPO.
 
 ``train_loop(job)`` runs as a Ray Train worker (the normal path, see ``driver.py``), under
 ``torchrun`` (``python -m steelworks.train.loop job.json``), or in one process. It reads the
@@ -8,6 +8,11 @@ Loss averaging: with per-token averaging every target token in the global batch 
 the same; with per-sample averaging every sequence does (short answers are not drowned out
 by long ones). FSDP averages gradients over ranks, so each rank scales its local sum by
 ``world / global_count`` to make the result exactly the global mean.
+
+DPO (``task: dpo``) swaps two parts and keeps the rest (model building, LoRA, FSDP2,
+checkpoints, resume, metrics, export): the loader yields preference pairs with their stored
+reference log-probs (``train/pairs.py``) instead of packed rows, and the step is
+``dpo.dpo_forward_backward``, whose loss is the mean over the global batch of pairs.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from steelworks.train.checkpoint import (
     run_lock,
     save_checkpoint,
 )
-from steelworks.train.config import TrainConfig
+from steelworks.train.config import DpoConfig, TrainConfig
 from steelworks.train.data import Batch, PackedLoader
 from steelworks.train.metrics import MetricsLog, flops_per_token, peak_flops, truncate_log
 from steelworks.train.parallelize import materialize, parallelize
@@ -178,6 +183,19 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         return _train_loop(job, stack)
 
 
+def _loader(job: dict[str, Any], cfg: TrainConfig, rank: int, world: int):
+    """Packed rows (pretrain, SFT) or preference pairs (DPO), behind one interface."""
+    if job.get("task") != "dpo":
+        return PackedLoader([job["data_dir"], *cfg.extra_data], rank, world, cfg.micro_batch_size,
+                            cfg.grad_accum, cfg.seed)
+    from steelworks.data.tokenizer import load_tokenizer
+    from steelworks.train.pairs import PairLoader
+
+    pad = load_tokenizer(job["tokenizer_dir"]).pad_token_id
+    return PairLoader(job["data_dir"], rank, world, cfg.micro_batch_size, cfg.grad_accum,
+                      cfg.seed, pad, cfg.max_length)
+
+
 def _build_model(job: dict[str, Any], cfg: TrainConfig, device: torch.device, bf16: bool):
     """-> (our decoder, sharded and on ``device``, its parameter count, how many of them
     train). With ``cfg.lora`` the adapters go on after loading and before sharding."""
@@ -273,9 +291,10 @@ def _resume(resume: Path, model, optimizer, scheduler, schedule: Schedule, loade
 
 
 def _forward_backward(model, micro: list[Batch], cfg: TrainConfig, world: int, device: torch.device,
-                      bf16: bool) -> tuple[torch.Tensor, float]:
+                      bf16: bool) -> tuple[torch.Tensor, float, dict[str, torch.Tensor]]:
     """One optimizer step's forward and backward passes over its micro batches; -> (the
-    summed loss terms, detached, and the global denominator they average over)."""
+    summed loss terms, detached, the global denominator they average over, and no further
+    statistics: ``dpo.dpo_forward_backward`` has the same shape and returns some)."""
     counts = torch.tensor([sum(b.num_targets for b in micro), sum(_num_samples(b) for b in micro)],
                           dtype=torch.float64)
     g_tokens, g_samples = _all_reduce(counts.to(device)).tolist()
@@ -298,31 +317,40 @@ def _forward_backward(model, micro: list[Batch], cfg: TrainConfig, world: int, d
         # exact global mean.
         (part * world / max(denom, 1)).backward()
         total += part.detach().double()
-    return total, denom
+    return total, denom, {}
 
 
 class _LogWindow:
     """What one metrics row covers: the loss averaged over the whole log window (one batch
-    alone is too noisy to read), and tokens/s and MFU over its wall time."""
+    alone is too noisy to read), and tokens/s and MFU over its wall time. ``stats`` are
+    further sums over the same denominator (DPO's rewards and margins)."""
 
     def __init__(self, device: torch.device, flops: float) -> None:
         self.device, self.flops = device, flops  # flops: FLOPs per token / peak FLOP/s
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.stats: dict[str, torch.Tensor] = {}
         self.denom, self.tokens, self.start = 0.0, 0, time.perf_counter()
 
-    def add(self, loss_sum: torch.Tensor, denom: float, tokens: int) -> None:
+    def add(self, loss_sum: torch.Tensor, denom: float, tokens: int,
+            stats: dict[str, torch.Tensor] | None = None) -> None:
         self.loss_sum += loss_sum
         self.denom += denom
         self.tokens += tokens
+        for k, v in (stats or {}).items():
+            self.stats[k] = self.stats.get(k, torch.zeros_like(v)) + v
 
     def row(self, step: int, lr: float, grad_norm: float, epoch: int) -> dict[str, Any]:
-        """The row for ``step`` (the loss all-reduced over ranks); starts a new window."""
-        loss = (_all_reduce(self.loss_sum) / max(self.denom, 1)).item()
+        """The row for ``step`` (loss and stats all-reduced over ranks); starts a new window."""
+        names = sorted(self.stats)
+        sums = _all_reduce(torch.stack([self.loss_sum, *(self.stats[k] for k in names)]))
+        means = (sums / max(self.denom, 1)).tolist()
         tps = self.tokens / (time.perf_counter() - self.start)
         self.loss_sum.zero_()
+        self.stats = {}
         self.denom, self.tokens, self.start = 0.0, 0, time.perf_counter()
-        return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                "mfu": tps * self.flops, "epoch": epoch, "memory_gb": _peak_memory_gb(self.device)}
+        return {"step": step, "loss": means[0], "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": tps, "mfu": tps * self.flops, "epoch": epoch,
+                "memory_gb": _peak_memory_gb(self.device), **dict(zip(names, means[1:], strict=True))}
 
 
 def _progress_bar(job: dict[str, Any], total_steps: int, step: int):
@@ -336,7 +364,8 @@ def _progress_bar(job: dict[str, Any], total_steps: int, step: int):
 def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, Any]:
     from steelworks.train.hf_io import hf_config
 
-    cfg = from_dict(TrainConfig, job["train"])
+    dpo = job.get("task") == "dpo"
+    cfg = from_dict(DpoConfig if dpo else TrainConfig, job["train"])
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world, device = _init_distributed(cfg.use_gpu)
@@ -352,8 +381,10 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     kernels = model.use_kernels(cfg.kernels, device)
     model.train()
 
-    loader = PackedLoader([job["data_dir"], *cfg.extra_data], rank, world, cfg.micro_batch_size,
-                          cfg.grad_accum, cfg.seed)
+    loader = _loader(job, cfg, rank, world)
+    step_fn = _forward_backward
+    if dpo:
+        from steelworks.train.dpo import dpo_forward_backward as step_fn
     total_steps = cfg.max_steps
     if cfg.epochs is not None:
         total_steps = max(1, int(cfg.epochs * loader.steps_per_epoch))
@@ -377,7 +408,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     if adopt:  # renamed by a run that died before reporting it (agree_resume_point)
         report({"step": step}, resume)
 
-    fpt = flops_per_token(hf_config(model_cfg), loader.index.seq_len - 1)
+    fpt = flops_per_token(hf_config(model_cfg), loader.seq_len)
     progress = _progress_bar(job, total_steps, step) if rank == 0 else None
     last: dict[str, Any] = {}
     # Under Ray Train, CheckpointConfig(num_to_keep) prunes what was reported.
@@ -387,7 +418,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     window = _LogWindow(device, flops=fpt / peak)
     while step < total_steps:
         micro = loader.next_step()
-        part_sum, denom = _forward_backward(model, micro, cfg, world, device, bf16)
+        part_sum, denom, stats = step_fn(model, micro, cfg, world, device, bf16)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
@@ -395,7 +426,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
         scheduler.step()
         step += 1
         _fault(job, "step", step, rank)
-        window.add(part_sum, denom, sum(b.input_ids.numel() for b in micro) * world)
+        window.add(part_sum, denom, sum(b.input_ids.numel() for b in micro) * world, stats)
         if progress is not None:
             progress.update(1)
         row: dict[str, Any] | None = None

@@ -35,7 +35,8 @@ from steelworks.platform.config import ConfigError
 KEY_FILE = "resume_key.json"
 FREE = ("max_steps", "epochs", "extra_data", "log_every", "ckpt_every", "keep_last",
         "max_failures", "tensorboard", "wandb_project",
-        "activation_checkpointing", "compile", "kernels", "async_checkpoint")
+        "activation_checkpointing", "compile", "kernels", "async_checkpoint",
+        "reference_replicas", "reference_batch_size")
 BATCH = ("micro_batch_size", "grad_accum", "num_workers")
 # What ``--restart`` removes: the stage's training state and what was made from it.
 WIPED = ("checkpoints", "hf", "tensorboard", "metrics.jsonl", "loss.png", "summary.json", KEY_FILE)
