@@ -66,7 +66,7 @@ test: $(VENV)/.dev browser
 	$(BIN)/python -m pytest -q -m "not faults"
 
 # Slow on purpose: each test kills something (a Ray Data worker, a train worker, the driver,
-# a Serve replica) and waits for the platform to recover.
+# a Serve replica, a training process mid-step or mid-save) and checks what survives.
 test-faults: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -m faults
 

@@ -2,7 +2,8 @@
 pairs with answer masks (data/preference.py) -> the frozen reference's log-probs, computed
 once (train/reference.py, on Ray Data or in this process) -> the train loop with
 ``task: dpo`` (train/pairs.py, dpo.dpo_forward_backward). The loss formula itself, and its
-parity with TRL, is tests/test_dpo.py's.
+parity with TRL, is tests/test_dpo.py's; the dpo stage in a pipeline on Ray (sft -> dpo ->
+eval, reference on 2 Ray Data replicas) is part of tests/test_init_from.py's run.
 
 The synthetic preference set prefers one answer style over another ("答案是N。" over
 "N lol"), which a tiny random model can learn in a few dozen steps, and generalise to pairs
@@ -217,6 +218,7 @@ def test_dpo_metrics_reach_tensorboard(dpo_run):
                                                    for r in rows]
 
 
+@pytest.mark.faults  # kills a process: make test-faults
 def test_dpo_kill_and_resume_gives_identical_losses(dpo_data, dpo_run, tmp_path):
     """Killed after step 11, resumed in a fresh process from the step-8 checkpoint: the pair
     loader's cursor and the optimizer come back, and every logged row equals the
@@ -288,47 +290,34 @@ def test_dpo_config_errors_name_the_field(tmp_path):
         preference_files(cfg)
 
 
-# ---- the pipeline stage, on Ray ----------------------------------------------------------
 
+def test_the_stage_computes_the_pairs_once_and_rebuilds_them_when_their_key_changes(
+        dpo_data, tmp_path, monkeypatch):
+    """``pipeline._dpo_pairs``: the reference pass runs once; a resumed or re-run stage with
+    the same files, tokenizer, max_length and reference reuses its output; a changed key, or
+    a crash after the pairs were written but before their key was, rebuilds them."""
+    from types import SimpleNamespace
 
-@pytest.mark.ray
-def test_dpo_stage_on_ray_from_an_hf_base(tmp_path, tiny_tokenizer_dir, ray_local, caplog):
-    """``stages: [data, tokenizer, dpo, eval]`` with ``dpo.init_from`` an HF base: the demo
-    corpus's preference pairs, reference log-probs from 2 Ray Data replicas (equal to this
-    process's), 1 Ray Train worker, the eval stage scoring dpo/hf; a second run skips every
-    stage, and a resumed one reuses the stored pairs instead of recomputing them."""
-    from test_init_from import TINY, _base_model
+    import steelworks.train.reference as reference
+    from steelworks.platform.pipeline import _dpo_pairs
 
-    from steelworks.platform.pipeline import run_dpo, run_pipeline
+    calls = []
 
-    base = _base_model("qwen2", tiny_tokenizer_dir, tmp_path / "base")
-    overrides = [o for o in TINY if not o.startswith(("stages=", "sft."))] + [
-        f"runs_dir={tmp_path / 'runs'}", "run=dpo", "stages=[data,tokenizer,dpo,eval]",
-        f"dpo.init_from={base}", "dpo.max_steps=6", "dpo.micro_batch_size=4", "dpo.num_workers=1",
-        "dpo.log_every=1", "dpo.optim.lr=1e-3", "dpo.optim.warmup_steps=1", "dpo.max_length=96",
-        "dpo.reference_replicas=2", "dpo.reference_batch_size=4", "data.demo.preference_per_fact=1"]
-    cfg = load(PipelineConfig, None, overrides)
-    results = run_pipeline(cfg)
-    assert list(results) == ["data", "tokenizer", "dpo", "eval"]
-    root = tmp_path / "runs" / "dpo"
-    metrics = results["dpo"]["metrics"]
-    assert metrics["final_step"] == 6 and metrics["pairs"]["pairs"] == 48  # 48 facts, 1 pair each
-    assert metrics["pairs"]["quarantined"] == 0 and "rewards/accuracies" in metrics
-    assert set(json.loads((root / "eval" / "manifest.json").read_text())["inputs"]) == {"data", "dpo"}
-    # The Ray Data reference pass equals the in-process one.
-    cols = read_pairs(root / "dpo" / "pairs")
-    tok = load_tokenizer(root / "tokenizer" / "tokenizer")
-    pairs = [{"pair_id": int(i), **{k: cols[k][i] for k in ("chosen_ids", "chosen_mask", "rejected_ids",
-                                                             "rejected_mask")}}
-             for i in range(len(cols["pair_id"]))]
-    chosen, rejected = reference_logps(base, pairs, tok.pad_token_id, use_ray=False)
-    np.testing.assert_allclose(cols["ref_chosen"], chosen, atol=1e-4)
-    np.testing.assert_allclose(cols["ref_rejected"], rejected, atol=1e-4)
-    # Unchanged: skipped. More steps (resume-compatible): the pairs are reused.
-    assert run_pipeline(cfg)["dpo"]["metrics"]["final_step"] == 6
-    stamp = (root / "dpo" / "pairs" / "pairs.parquet").stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="steelworks.pipeline"):
-        longer = run_dpo(load(PipelineConfig, None, [*overrides, "dpo.max_steps=8"]))
-    assert longer["metrics"]["final_step"] == 8
-    assert "reusing 48 tokenized pairs" in caplog.text
-    assert (root / "dpo" / "pairs" / "pairs.parquet").stat().st_mtime_ns == stamp
+    def fake(model_dir, pairs, pad_id, **kw):
+        calls.append(len(pairs))
+        return np.zeros(len(pairs)), np.zeros(len(pairs))
+
+    monkeypatch.setattr(reference, "reference_logps", fake)
+    stage = SimpleNamespace(dir=tmp_path / "dpo", input_hashes={"sft": "abc"})
+    files = [str(dpo_data["root"] / "train.jsonl")]
+    cfg = from_dict(DpoConfig, {"max_length": 64})
+    tok = str(dpo_data["tokenizer"])
+    counts = _dpo_pairs(stage, cfg, files, "ref", tok)
+    assert counts["pairs"] == 48 and calls == [48]
+    assert _dpo_pairs(stage, cfg, files, "ref", tok) == counts and calls == [48]
+    _dpo_pairs(stage, from_dict(DpoConfig, {"max_length": 48}), files, "ref", tok)
+    assert calls == [48, 48]
+    (stage.dir / "pairs" / "key.json").unlink()  # as if killed between the two writes
+    _dpo_pairs(stage, from_dict(DpoConfig, {"max_length": 48}), files, "ref", tok)
+    assert calls == [48, 48, 48]
+    assert (stage.dir / "pairs" / "quarantine.jsonl").read_text() == ""

@@ -26,6 +26,14 @@ TINY = [  # the tiny pipeline of tests/test_pipeline.py, without a pretrain stag
 ]
 
 
+# The dpo stage after SFT (issue 17, point 3): the demo corpus's preference pairs, the
+# reference's log-probs on 2 Ray Data replicas, 1 Ray Train worker; eval then scores dpo/hf.
+DPO = ["stages=[data,tokenizer,sft,dpo,eval]", "dpo.max_steps=6", "dpo.micro_batch_size=4",
+       "dpo.num_workers=1", "dpo.log_every=1", "dpo.optim.lr=1e-3", "dpo.optim.warmup_steps=1",
+       "dpo.max_length=96", "dpo.reference_replicas=2", "dpo.reference_batch_size=4",
+       "data.demo.preference_per_fact=1"]
+
+
 def _base_model(arch: str, tokenizer_dir: Path, out: Path) -> Path:
     """A tiny random HF checkpoint of ``arch`` saved with its own tokenizer, the way a
     downloaded base model directory looks."""
@@ -61,9 +69,10 @@ def test_sft_from_hf_base_models(tmp_path, tiny_tokenizer_dir, ray_local):
     from steelworks.train.driver import run_training
 
     base = _base_model("qwen2", tiny_tokenizer_dir, tmp_path / "base-qwen2")
-    results = run_pipeline(_cfg(tmp_path, base))
-    assert list(results) == ["data", "tokenizer", "sft", "eval"]  # no pretrain stage
+    results = run_pipeline(_cfg(tmp_path, base, *DPO))
+    assert list(results) == ["data", "tokenizer", "sft", "dpo", "eval"]  # no pretrain stage
     root = tmp_path / "runs" / "ft"
+    _check_dpo(root, results)
     # The run's tokenizer is the base model's (same vocabulary file, same chat template).
     tok_dir = root / "tokenizer" / "tokenizer"
     assert (tok_dir / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
@@ -97,6 +106,31 @@ def test_sft_from_hf_base_models(tmp_path, tiny_tokenizer_dir, ray_local):
     with pytest.raises(FileNotFoundError, match=f"{broken}: no model.safetensors"):
         run_sft(_cfg(tmp_path, broken, "run=ft"), restart=True)
     assert (root / "sft" / "hf" / "config.json").exists()  # the finished stage is untouched
+
+
+def _check_dpo(root: Path, results: dict) -> None:
+    """The dpo stage started from sft/hf, stored reference log-probs equal to this process's
+    computation of them, and the eval stage scored dpo/hf."""
+    import numpy as np
+
+    from steelworks.data.tokenizer import load_tokenizer
+    from steelworks.train.pairs import read_pairs
+    from steelworks.train.reference import reference_logps
+
+    metrics = results["dpo"]["metrics"]
+    assert metrics["final_step"] == 6 and metrics["pairs"]["quarantined"] == 0
+    assert metrics["pairs"]["pairs"] == 48  # 12 entities' facts, one pair each
+    assert "rewards/accuracies" in metrics and "rewards/margins" in metrics
+    assert set(json.loads((root / "dpo" / "manifest.json").read_text())["inputs"]) == {"tokenizer", "sft", "data"}
+    assert set(json.loads((root / "eval" / "manifest.json").read_text())["inputs"]) == {"data", "dpo"}
+    assert "dpo/hf" in json.loads((root / "eval" / "report.json").read_text())["summary"]["meta"]["model_dir"]
+    cols = read_pairs(root / "dpo" / "pairs")
+    pairs = [{"pair_id": i, **{k: cols[k][i] for k in ("chosen_ids", "chosen_mask", "rejected_ids",
+                                                        "rejected_mask")}} for i in range(len(cols["pair_id"]))]
+    pad = load_tokenizer(root / "tokenizer" / "tokenizer").pad_token_id
+    chosen, rejected = reference_logps(root / "sft" / "hf", pairs, pad, use_ray=False)
+    np.testing.assert_allclose(cols["ref_chosen"], chosen, atol=1e-4)
+    np.testing.assert_allclose(cols["ref_rejected"], rejected, atol=1e-4)
 
 
 def _check_run(out: Path, arch: str, base: Path) -> None:

@@ -153,6 +153,7 @@ def test_checkpoints_hold_the_adapters_and_their_optimizer_state_only(lora_run):
     assert not [k for k in keys if "base_layer" in k or "embed_tokens" in k or "lm_head" in k]
 
 
+@pytest.mark.faults  # kills a process: make test-faults
 def test_kill_and_resume_gives_identical_losses(lora_data, lora_run, tmp_path):
     """Killed (hard, no cleanup) right after step 6 and resumed from the step-4 checkpoint in
     a fresh process, as a restarted worker would: the base is read from init_from again,

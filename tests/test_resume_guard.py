@@ -102,6 +102,7 @@ def _new_rank(rank: int, world: int, init: str, ckpt: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.faults  # kills a process: make test-faults
 def test_every_rank_resumes_the_step_rank0_chose_while_an_old_worker_writes(tmp_path):
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()

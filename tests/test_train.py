@@ -118,6 +118,7 @@ def test_stop_and_resume_gives_identical_losses(demo_data, tmp_path):
     assert a == b, "losses after resuming must equal the uninterrupted run's bit for bit"
 
 
+@pytest.mark.faults  # kills a process: make test-faults
 def test_crash_mid_save_leaves_the_previous_checkpoint(demo_data, tmp_path):
     from steelworks.train.checkpoint import latest_checkpoint
 
@@ -132,6 +133,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(demo_data, tmp_path):
     assert not (ckpts / "step_00000008.tmp").exists() and (ckpts / "step_00000012").is_dir()
 
 
+@pytest.mark.faults  # kills a process: make test-faults
 def test_async_save_killed_in_flight_resumes_from_the_previous_checkpoint(demo_data, tmp_path):
     """Checkpoints written in the background (train.async_checkpoint; the default on CUDA): a
     run killed while the step-8 save is being written resumes from step 4, and its losses

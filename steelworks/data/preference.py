@@ -19,6 +19,11 @@ Bad records raise ``PreferenceError`` naming ``where`` (e.g. ``"prefs.jsonl:12"`
 a silent skip would quietly bias the preference set and a bare error would not say which
 of a million lines to look at. Message shape checks are ``sft.validate_messages``'s, so
 SFT and DPO agree on what a valid conversation is.
+
+``encode_answer``/``encode_pair`` tokenize a normalised pair (token ids and an answer mask per
+side) and ``read_preferences`` reads whole JSONL files, quarantining each bad line with its
+location and reason; the dpo stage (platform/pipeline.py) stores the result with the
+reference log-probs (train/reference.py).
 """
 
 from __future__ import annotations
