@@ -321,3 +321,12 @@ def test_the_stage_computes_the_pairs_once_and_rebuilds_them_when_their_key_chan
     _dpo_pairs(stage, from_dict(DpoConfig, {"max_length": 48}), files, "ref", tok)
     assert calls == [48, 48, 48]
     assert (stage.dir / "pairs" / "quarantine.jsonl").read_text() == ""
+
+
+def test_dpo_loss_plot_has_a_rewards_panel(dpo_run):
+    """loss.png gets a second panel (reward accuracy and margin) for DPO runs."""
+    from PIL import Image
+
+    out, _ = dpo_run
+    width, height = Image.open(out / "loss.png").size
+    assert width > 1.5 * height, (width, height)  # two panels side by side

@@ -108,12 +108,15 @@ def cmd_serve(args) -> int:
     cfg = _load(args)
     cfg.serve.keep_running = True
     _connect(cfg)
-    model = args.model or str(Path(cfg.runs_dir) / cfg.run / "sft" / "hf")
+    from steelworks.platform.pipeline import final_model_stage
+
+    trained = final_model_stage(cfg)  # dpo when the run's stages have it, else sft
+    model = args.model or str(Path(cfg.runs_dir) / cfg.run / trained / "hf")
     if not (Path(model) / "config.json").exists() and (Path(model) / "hf" / "config.json").exists():
         model = str(Path(model) / "hf")  # a train stage's directory: serve its HF export
     if not (Path(model) / "config.json").exists():
-        raise ConfigError(f"--model {model}: not a Hugging Face model directory (run the sft stage "
-                          "first, or point --model at runs/<run>/sft/hf)")
+        raise ConfigError(f"--model {model}: not a Hugging Face model directory (run the {trained} "
+                          f"stage first, or point --model at runs/<run>/{trained}/hf)")
     cfg.serve.model_name = cfg.serve.model_name or cfg.data.demo.model_name
     exam = _demo_exam(cfg)
     if exam and "demo" not in cfg.serve.benchmarks:  # POST /v1/evals {"benchmark": "demo"}
@@ -238,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
             _restart_arg(p)
         if name == "eval":
             p.add_argument("--model", default=None,
-                           help="evaluate this HF model directory instead of the run's SFT model")
+                           help="evaluate this HF model directory instead of the run's final "
+                                "model (sft/hf, or dpo/hf when the stages include dpo)")
             p.add_argument("action", nargs="?", choices=["compare"],
                            help="`eval compare A B`: line up two eval runs (directories with "
                                 "report.json) subject by subject and list the flipped items")
@@ -259,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a model on Ray Serve with an OpenAI-compatible API",
                        description="Deploy an HF model directory on Ray Serve and keep serving.")
     _config_args(p, force=False)
-    p.add_argument("--model", default=None, help="HF model directory (default: runs/<run>/sft/hf)")
+    p.add_argument("--model", default=None, help="HF model directory (default: runs/<run>/sft/hf, "
+                   "or dpo/hf when the config's stages include dpo)")
     p.set_defaults(func=cmd_serve)
     _add_merge_command(sub)
     from steelworks.platform.ray_cluster import add_cluster_commands

@@ -117,10 +117,24 @@ class MetricsLog:
 
         from steelworks.platform.atomic import atomic_write_bytes
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["step"] for r in self.rows], [r["loss"] for r in self.rows])
+        steps = [r["step"] for r in self.rows]
+        dpo = all("rewards/accuracies" in r for r in self.rows)
+        # DPO: a second panel with what the loss alone hides (TRL's reward accuracy, margin).
+        fig, axes = plt.subplots(1, 2 if dpo else 1, figsize=(12 if dpo else 7, 4), squeeze=False)
+        ax = axes[0][0]
+        ax.plot(steps, [r["loss"] for r in self.rows])
         ax.set(xlabel="step", ylabel="loss", title=title)
         ax.grid(alpha=0.3)
+        if dpo:
+            right = axes[0][1]
+            right.plot(steps, [r["rewards/accuracies"] for r in self.rows], label="reward accuracy")
+            right.set(xlabel="step", ylabel="reward accuracy", ylim=(-0.02, 1.02), title="DPO rewards")
+            margin = right.twinx()
+            margin.plot(steps, [r["rewards/margins"] for r in self.rows], color="tab:orange",
+                        label="reward margin")
+            margin.set_ylabel("reward margin (chosen - rejected)")
+            right.legend(handles=right.get_lines() + margin.get_lines(), loc="lower right")
+            right.grid(alpha=0.3)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
