@@ -59,9 +59,12 @@ def _cfg(tmp_path: Path, base: Path, *extra: str) -> PipelineConfig:
 
 
 @pytest.mark.ray
-def test_sft_from_hf_base_models(tmp_path, tiny_tokenizer_dir, ray_local):
+def test_sft_from_hf_base_models(tmp_path, tiny_tokenizer_dir, ray_local, monkeypatch):
     """Qwen2 through the whole pipeline (no pretrain stage); then a Llama base with the same
-    tokenizer trained in one process on the shards that run built (the loop is the same)."""
+    tokenizer trained in one process on the shards that run built (the loop is the same).
+
+    The base is named by a path relative to the working directory, as users write it: Ray
+    Train's workers run elsewhere, so the stage must hand them an absolute path."""
     from transformers import AutoModelForCausalLM
 
     from steelworks.platform.pipeline import run_pipeline, run_sft
@@ -69,7 +72,8 @@ def test_sft_from_hf_base_models(tmp_path, tiny_tokenizer_dir, ray_local):
     from steelworks.train.driver import run_training
 
     base = _base_model("qwen2", tiny_tokenizer_dir, tmp_path / "base-qwen2")
-    results = run_pipeline(_cfg(tmp_path, base, *DPO))
+    monkeypatch.chdir(tmp_path)
+    results = run_pipeline(_cfg(tmp_path, Path("base-qwen2"), *DPO))
     assert list(results) == ["data", "tokenizer", "sft", "dpo", "eval"]  # no pretrain stage
     root = tmp_path / "runs" / "ft"
     _check_dpo(root, results)

@@ -253,7 +253,7 @@ def preference_files(cfg: PipelineConfig) -> list[str] | None:
     """The dpo stage's preference files: ``dpo.data``, or None for the demo corpus's
     preference.jsonl (read from the data stage)."""
     if cfg.dpo.data:
-        return list(cfg.dpo.data)
+        return [str(Path(f).resolve()) for f in cfg.dpo.data]  # quarantine entries name them in full
     if cfg.data.source != "demo":
         raise ConfigError("dpo.data is empty: list the preference JSONL files to train on "
                           "({prompt | messages, chosen, rejected} per line), e.g. "
@@ -294,7 +294,10 @@ def _run_train_stage(cfg: PipelineConfig, name: str, force: bool, restart: bool 
     _settle_resume(stage, name, tcfg, restart)  # before invalidating: a refusal changes nothing
     stage.invalidate()
     tok_dir = stage.inputs["tokenizer"]
-    init_from = base or (str(stage.inputs[previous] / "hf") if previous else None)
+    # Absolute: Ray Train's workers (and the reference actors) do not run in this directory,
+    # so a base named relative to it would not be found there.
+    init_from = str(Path(base).resolve()) if base else (
+        str(stage.inputs[previous] / "hf") if previous else None)
     job = {"task": name, "train": to_dict(tcfg), "tokenizer_dir": str(tok_dir / "tokenizer"),
            "data_dir": str(tok_dir / "shards" / name), "out_dir": str(stage.dir),
            "init_from": init_from}
