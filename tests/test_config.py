@@ -133,3 +133,15 @@ def test_cli_restart_reaches_the_train_stages_only(monkeypatch):
     assert cli.main(["pipeline", "--restart"]) == 0 and calls[-1] is True
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["data", "--restart"])
+
+
+def test_readme_fine_tuning_config_is_the_shipped_one():
+    """The README's copy-paste config for a local Qwen2 checkpoint is configs/finetune-qwen2.yaml
+    verbatim (and so loads: test_every_shipped_config_loads)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    shipped = (root / "configs" / "finetune-qwen2.yaml").read_text()
+    assert "## Fine-tuning an existing model" in readme
+    assert f"```yaml\n{shipped.rstrip()}\n```" in readme
+    cfg = load(PipelineConfig, root / "configs" / "finetune-qwen2.yaml")
+    assert cfg.sft.init_from and cfg.sft.lora is not None and "pretrain" not in cfg.stages
