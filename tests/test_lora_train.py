@@ -2,7 +2,7 @@
 an SFT run from ``init_from`` trains adapters only, its checkpoints hold only them, it
 resumes exactly after a kill, and it exports ``hf/`` merged (W + (alpha/r)·B·A, opened by
 transformers) and ``adapter/`` (opened by peft on the base). Config errors are clear: LoRA
-without a base, bad fields, QLoRA (not implemented). The resume guard refuses a changed rank.
+without a base, bad fields. The resume guard refuses a changed rank. QLoRA: tests/test_qlora.py.
 One process, no Ray, except the 2-worker FSDP2 parity test at the end (marked ``ray``)."""
 
 from __future__ import annotations
@@ -201,14 +201,6 @@ def test_lora_without_a_base_model_is_a_clear_error(lora_data, tmp_path):
 def test_bad_lora_fields_are_errors_naming_them(lora, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         from_dict(TrainConfig, {"lora": lora})
-
-
-@pytest.mark.parametrize("use_gpu", [False, True])
-def test_qlora_is_refused_as_not_implemented(use_gpu):
-    """QLoRA (a 4-bit bitsandbytes base) is not implemented: refused on every machine, with
-    or without a GPU, rather than silently training a full-precision base."""
-    with pytest.raises(ConfigError, match=r"lora.quantize='4bit' \(QLoRA\) is not implemented yet"):
-        from_dict(TrainConfig, {"use_gpu": use_gpu, "lora": {"quantize": "4bit"}})
 
 
 def test_lora_from_yaml_and_set_overrides(tmp_path):

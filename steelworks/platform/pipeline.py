@@ -334,8 +334,10 @@ def _dpo_pairs(stage: Stage, dcfg: Any, files: list[str], reference: str, tokeni
     from steelworks.train.reference import reference_logps, write_pairs
 
     out = stage.dir / "pairs"
+    quantize = dcfg.lora is not None and dcfg.lora.quantize == "4bit"  # QLoRA: a 4-bit reference
     key = {"files": stat_key(files), "max_length": dcfg.max_length, "reference": reference,
-           "inputs": stage.input_hashes, "tokenizer": sha256_file(Path(tokenizer_dir) / "tokenizer.json")}
+           "quantized": quantize, "inputs": stage.input_hashes,
+           "tokenizer": sha256_file(Path(tokenizer_dir) / "tokenizer.json")}
     key_file = out / "key.json"
     if key_file.exists() and json.loads(key_file.read_text()).get("sha256") == sha256_json(key) \
             and (out / "pairs.parquet").exists():
@@ -355,7 +357,8 @@ def _dpo_pairs(stage: Stage, dcfg: Any, files: list[str], reference: str, tokeni
              reference, dcfg.reference_replicas)
     chosen, rejected = reference_logps(reference, pairs, tok.pad_token_id,
                                        replicas=dcfg.reference_replicas,
-                                       batch_size=dcfg.reference_batch_size, use_gpu=dcfg.use_gpu)
+                                       batch_size=dcfg.reference_batch_size, use_gpu=dcfg.use_gpu,
+                                       quantize=quantize)
     write_pairs(out, pairs, chosen, rejected)
     atomic_write_json(out / "counts.json", counts)
     atomic_write_json(key_file, {"sha256": sha256_json(key), **key})

@@ -266,11 +266,14 @@ def restore_rng_state(state: dict[str, str]) -> None:
         torch.cuda.set_rng_state(_tensor(state["cuda"]))
 
 
-def export_hf(model, cfg, tokenizer_dir: str | Path, out_dir: str | Path) -> Path | None:
+def export_hf(model, cfg, tokenizer_dir: str | Path, out_dir: str | Path,
+              base_dir: str | Path | None = None) -> Path | None:
     """Gather the full weights to rank 0 and write a standard HF directory (safetensors +
     config + tokenizer, ``hf_io.to_hf``), atomically. Other ranks return None. A model with
-    LoRA adapters is written merged (W + (alpha/r)·B·A), a plain model any HF loader runs."""
-    from steelworks.train.hf_io import to_hf
+    LoRA adapters is written merged (W + (alpha/r)·B·A), a plain model any HF loader runs.
+    ``base_dir`` (QLoRA): the HF directory the 4-bit base was quantized from; the adapters are
+    merged into its full-precision weights (train/quantize.py says why)."""
+    from steelworks.train.hf_io import from_hf, hf_state_dict, to_hf
     from steelworks.train.lora import is_adapter_param, merge_adapters
 
     rank, _ = _dist()
@@ -278,6 +281,9 @@ def export_hf(model, cfg, tokenizer_dir: str | Path, out_dir: str | Path) -> Pat
     if rank != 0:
         _barrier()
         return None
+    if base_dir is not None:
+        adapters = {k: v for k, v in full.items() if is_adapter_param(k)}
+        full = {**hf_state_dict(from_hf(base_dir)), **adapters}
     if any(is_adapter_param(k) for k in full):
         full = merge_adapters(full, model)
     out = to_hf({k: v.float() for k, v in full.items()}, cfg, out_dir, tokenizer_dir)

@@ -80,19 +80,14 @@ class LoraTrainConfig(LoraConfig):
     (``PeftModel.from_pretrained`` on the transformers base model opens it)."""
 
     save_adapter: bool = True
-    # QLoRA (a 4-bit base). Reserved, not implemented: a frozen bitsandbytes base under our
-    # FSDP2 sharding, DCP checkpoints and the merged export are untested paths, and a run that
-    # silently trained a full-precision base instead would not be what was asked for.
+    # QLoRA: "4bit" stores the frozen base's projections in NF4 (bitsandbytes; train/quantize.py)
+    # and trains the adapters in full precision on top. None: a full-precision base.
     quantize: str | None = None  # "4bit" or None; a str checked here, for a clearer error
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.quantize not in (None, "4bit"):
             raise ValueError(f"lora.quantize must be '4bit' (QLoRA) or null, got {self.quantize!r}")
-        if self.quantize is not None:
-            raise ValueError(f"lora.quantize={self.quantize!r} (QLoRA) is not implemented yet, on "
-                             "any machine; remove lora.quantize to train plain LoRA on a "
-                             "full-precision base")
 
 
 @dataclass

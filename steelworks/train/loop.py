@@ -214,19 +214,26 @@ def _build_model(job: dict[str, Any], cfg: TrainConfig, device: torch.device, bf
         # Fine-tuning: every rank loads the same HF checkpoint, then FSDP2 shards it. On
         # resume this re-reads the base too: a LoRA checkpoint holds the adapters only.
         model = from_hf(job["init_from"], device)
+        n_params = count_params(model)  # before a 4-bit base packs two weights per byte
         if cfg.lora is not None:
             from steelworks.train.lora import apply_lora
 
+            if cfg.lora.quantize == "4bit":  # QLoRA: the frozen projections in NF4
+                from steelworks.train.quantize import quantize_base
+
+                quantize_base(model, device, torch.bfloat16 if bf16 else torch.float32)
             apply_lora(model, cfg.lora)  # before parallelize: fully_shard sees the LoRA layers
+            n_params += sum(p.numel() for p in model.parameters() if p.requires_grad)
     else:
         # From scratch: built on meta, sharded, then only each rank's shard is allocated.
         tok = load_tokenizer(job["tokenizer_dir"])
         model = build_decoder(decoder_config(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id), "meta")
-    n_params = count_params(model)
+        n_params = count_params(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not dist.is_initialized() or dist.get_rank() == 0:
         log.info("parameters: %s trainable of %s (%.2f%%)%s", f"{n_trainable:,}", f"{n_params:,}",
-                 100 * n_trainable / max(n_params, 1), ", LoRA" if cfg.lora is not None else "")
+                 100 * n_trainable / max(n_params, 1),
+                 "" if cfg.lora is None else ", QLoRA (4-bit base)" if cfg.lora.quantize else ", LoRA")
     model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
                         compile=cfg.compile)
     if not job.get("init_from"):
@@ -468,7 +475,10 @@ def _export(job: dict[str, Any], cfg: TrainConfig, model, model_cfg, out_dir: Pa
     """``hf/``, always a plain HF model (with LoRA: merged, W + (alpha/r)·B·A), so eval and
     serve read any train stage alike; with ``lora.save_adapter`` also ``adapter/``, peft's
     format for the base in ``init_from``. Every rank calls both (the gathers are collective)."""
-    export_hf(model, model_cfg, job["tokenizer_dir"], out_dir / "hf")
+    # A 4-bit base is merged from the full-precision weights it was quantized from.
+    quantized = cfg.lora is not None and cfg.lora.quantize is not None
+    export_hf(model, model_cfg, job["tokenizer_dir"], out_dir / "hf",
+              base_dir=job["init_from"] if quantized else None)
     if cfg.lora is not None and cfg.lora.save_adapter:
         from steelworks.train.lora import save_adapter
 

@@ -58,11 +58,16 @@ def parallelize(model: nn.Module, *, bf16: bool, activation_checkpointing: bool 
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from steelworks.train.quantize import quantized_params
+
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
+    # QLoRA's 4-bit weights (packed bytes with their quantization state) are not sharded: every
+    # rank keeps the small frozen base whole, and FSDP2 shards what trains.
+    ignored = quantized_params(model) or None
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mp_policy=mp, ignored_params=ignored)
+    fully_shard(model, mp_policy=mp, ignored_params=ignored)
     return model
 
 

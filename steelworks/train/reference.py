@@ -31,7 +31,7 @@ class ReferenceScorer:
     """One reference model; Ray Data calls it with batches of pair rows."""
 
     def __init__(self, model_dir: str, pad_id: int, batch_size: int, device: str = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, quantize: bool = False) -> None:
         import torch
 
         from steelworks.train.hf_io import from_hf
@@ -40,6 +40,12 @@ class ReferenceScorer:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model = from_hf(model_dir, self.device).eval()
+        if quantize:
+            # QLoRA: the policy starts as the 4-bit base, so the reference is that base too
+            # (what TRL's DPOTrainer gets from a peft model with its adapters disabled).
+            from steelworks.train.quantize import quantize_base
+
+            quantize_base(self.model, self.device, torch.float32)
         self.pad_id, self.batch_size = pad_id, batch_size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -77,17 +83,17 @@ def _rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def reference_logps(model_dir: str | Path, pairs: list[dict[str, Any]], pad_id: int, *,
                     replicas: int = 1, batch_size: int = 16, use_ray: bool = True,
-                    use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                    use_gpu: bool = False, quantize: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """-> (reference log-probs of the chosen answers, of the rejected), in ``pairs`` order.
 
     ``use_ray``: over ``replicas`` Ray Data actors (needs a connected Ray); otherwise in this
-    process with the same scorer."""
+    process with the same scorer. ``quantize``: score with the model's 4-bit (QLoRA) base."""
     if not pairs:
         return np.zeros(0), np.zeros(0)
     rows = _rows(pairs)
     if not use_ray:
-        out = ReferenceScorer(str(model_dir), pad_id, batch_size,
-                              "cuda" if use_gpu else "cpu")({k: [r[k] for r in rows] for k in rows[0]})
+        out = ReferenceScorer(str(model_dir), pad_id, batch_size, "cuda" if use_gpu else "cpu",
+                              quantize=quantize)({k: [r[k] for r in rows] for k in rows[0]})
         order = np.argsort(out["pair_id"])
         return out["ref_chosen"][order], out["ref_rejected"][order]
 
@@ -99,7 +105,7 @@ def reference_logps(model_dir: str | Path, pairs: list[dict[str, Any]], pad_id: 
         ReferenceScorer,
         fn_constructor_kwargs={"model_dir": str(model_dir), "pad_id": pad_id,
                                "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu",
-                               "threads": 1 if not use_gpu else None},
+                               "threads": 1 if not use_gpu else None, "quantize": quantize},
         batch_size=block,
         compute=ray.data.ActorPoolStrategy(size=replicas),
         num_cpus=1,
