@@ -183,17 +183,19 @@ def train_loop(job: dict[str, Any]) -> dict[str, Any]:
         return _train_loop(job, stack)
 
 
-def _loader(job: dict[str, Any], cfg: TrainConfig, rank: int, world: int):
-    """Packed rows (pretrain, SFT) or preference pairs (DPO), behind one interface."""
+def _data_and_step(job: dict[str, Any], cfg: TrainConfig, rank: int, world: int):
+    """-> (the loader, the step function): packed rows and the LM loss (pretrain, SFT), or
+    preference pairs and the DPO loss, behind one interface each."""
     if job.get("task") != "dpo":
         return PackedLoader([job["data_dir"], *cfg.extra_data], rank, world, cfg.micro_batch_size,
-                            cfg.grad_accum, cfg.seed)
+                            cfg.grad_accum, cfg.seed), _forward_backward
     from steelworks.data.tokenizer import load_tokenizer
+    from steelworks.train.dpo import dpo_forward_backward
     from steelworks.train.pairs import PairLoader
 
     pad = load_tokenizer(job["tokenizer_dir"]).pad_token_id
     return PairLoader(job["data_dir"], rank, world, cfg.micro_batch_size, cfg.grad_accum,
-                      cfg.seed, pad, cfg.max_length)
+                      cfg.seed, pad, cfg.max_length), dpo_forward_backward
 
 
 def _build_model(job: dict[str, Any], cfg: TrainConfig, device: torch.device, bf16: bool):
@@ -371,8 +373,7 @@ def _progress_bar(job: dict[str, Any], total_steps: int, step: int):
 def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, Any]:
     from steelworks.train.hf_io import hf_config
 
-    dpo = job.get("task") == "dpo"
-    cfg = from_dict(DpoConfig if dpo else TrainConfig, job["train"])
+    cfg = from_dict(DpoConfig if job.get("task") == "dpo" else TrainConfig, job["train"])
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world, device = _init_distributed(cfg.use_gpu)
@@ -388,10 +389,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     kernels = model.use_kernels(cfg.kernels, device)
     model.train()
 
-    loader = _loader(job, cfg, rank, world)
-    step_fn = _forward_backward
-    if dpo:
-        from steelworks.train.dpo import dpo_forward_backward as step_fn
+    loader, step_fn = _data_and_step(job, cfg, rank, world)
     total_steps = cfg.max_steps
     if cfg.epochs is not None:
         total_steps = max(1, int(cfg.epochs * loader.steps_per_epoch))
