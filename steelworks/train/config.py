@@ -91,6 +91,34 @@ class LoraTrainConfig(LoraConfig):
 
 
 @dataclass
+class ParallelConfig:
+    """How the ``num_workers`` ranks split the model: FSDP over all of them (the default), or
+    HSDP: ``replicate`` groups of ``shard`` ranks each. Every group holds a full copy of the
+    model sharded over its ``shard`` ranks, and gradients are reduce-scattered within a group,
+    then all-reduced across groups. Put one group on one node (``shard`` = its GPUs): the
+    sharding traffic then stays on the node's fast links, and only the gradient all-reduce
+    crosses nodes. The maths is FSDP's: a run may change its mesh and resume."""
+
+    replicate: int = 1
+    shard: int | None = None  # None: num_workers / replicate
+
+    def __post_init__(self) -> None:
+        for name in ("replicate", "shard"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"parallel.{name} must be an integer >= 1, got {v!r}")
+
+    def mesh_shape(self, world: int) -> tuple[int, int]:
+        """(replicate, shard) for ``world`` ranks; an error naming both when they do not fit."""
+        shard = self.shard if self.shard is not None else world // self.replicate
+        if self.replicate * shard != world:
+            raise ValueError(f"parallel.replicate={self.replicate} x parallel.shard={shard} = "
+                             f"{self.replicate * shard} ranks, but the run has {world} "
+                             "(num_workers): they must be equal")
+        return self.replicate, shard
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -150,6 +178,7 @@ class TrainConfig:
     max_failures: int = 0  # Ray Train restarts the worker group from the last checkpoint
     tensorboard: bool = True  # event files under <out>/tensorboard
     wandb_project: str | None = None  # logs to wandb when set and wandb is installed
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # FSDP, or HSDP
     # LoRA fine-tuning (None: every weight trains). Needs a base model to adapt, so the stage
     # must start from one (SFT's init_from, the pretrain stage's hf/); checkpoints then hold
     # the adapters and their optimizer state only, and the base is re-read on resume.

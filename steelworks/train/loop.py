@@ -44,7 +44,7 @@ from steelworks.train.checkpoint import (
 from steelworks.train.config import DpoConfig, TrainConfig
 from steelworks.train.data import Batch, PackedLoader
 from steelworks.train.metrics import MetricsLog, flops_per_token, peak_flops, truncate_log
-from steelworks.train.parallelize import materialize, parallelize
+from steelworks.train.parallelize import device_mesh, materialize, parallelize
 from steelworks.train.schedule import Schedule
 
 log = logging.getLogger("steelworks.train")
@@ -236,8 +236,12 @@ def _build_model(job: dict[str, Any], cfg: TrainConfig, device: torch.device, bf
         log.info("parameters: %s trainable of %s (%.2f%%)%s", f"{n_trainable:,}", f"{n_params:,}",
                  100 * n_trainable / max(n_params, 1),
                  "" if cfg.lora is None else ", QLoRA (4-bit base)" if cfg.lora.quantize else ", LoRA")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    replicate, shard = cfg.parallel.mesh_shape(world)
+    if replicate > 1 and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.info("HSDP: %d replica group(s) of %d shard rank(s)", replicate, shard)
     model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
-                        compile=cfg.compile)
+                        compile=cfg.compile, mesh=device_mesh(replicate, shard, device.type))
     if not job.get("init_from"):
         materialize(model, device, cfg.seed)
     return model, n_params, n_trainable

@@ -44,10 +44,23 @@ def _checkpoint_forward(layer: nn.Module) -> None:
     layer.forward = types.MethodType(forward, layer)
 
 
+def device_mesh(replicate: int, shard: int, device_type: str):
+    """None for flat FSDP (one mesh dimension, FSDP2's default), else the 2-D HSDP mesh
+    ``(replicate, shard)``: ranks ``g*shard .. g*shard+shard-1`` form shard group g, so with
+    ranks numbered node by node (torchrun, Ray Train) a group is a node."""
+    if replicate == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
+
+
 def parallelize(model: nn.Module, *, bf16: bool, activation_checkpointing: bool = False,
-                compile: bool = False) -> nn.Module:
+                compile: bool = False, mesh=None) -> nn.Module:
     """Shard with FSDP2 (``fully_shard`` per decoder layer, then the root) when a process group
-    is up; otherwise return the model unchanged (one process)."""
+    is up; otherwise return the model unchanged (one process). ``mesh``: a 2-D mesh from
+    ``device_mesh`` makes it HSDP (replicated across the first dimension, sharded along the
+    second); None shards over every rank."""
     if activation_checkpointing:
         for layer in decoder_layers(model):
             _checkpoint_forward(layer)
@@ -66,8 +79,8 @@ def parallelize(model: nn.Module, *, bf16: bool, activation_checkpointing: bool 
     # rank keeps the small frozen base whole, and FSDP2 shards what trains.
     ignored = quantized_params(model) or None
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp, ignored_params=ignored)
-    fully_shard(model, mp_policy=mp, ignored_params=ignored)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
     return model
 
 

@@ -14,6 +14,7 @@ Resume-compatible:
 - ``FREE``: how long and how it runs, not what it computes (steps, epochs, appended data,
   logging and checkpoint cadence, failure policy, loggers) and the speed/memory settings that
   leave the maths alone (activation checkpointing, ``torch.compile``, fused kernels);
+- the mesh (``parallel``: flat FSDP or HSDP, DCP reshards between them);
 - the batch: ``micro_batch_size``/``grad_accum`` may trade against each other at the same
   global batch (``micro_batch_size * grad_accum * num_workers``), and workers may be added
   or removed at the same per-worker batch (the loader's cursor counts sequences, and DCP
@@ -36,7 +37,7 @@ KEY_FILE = "resume_key.json"
 FREE = ("max_steps", "epochs", "extra_data", "log_every", "ckpt_every", "keep_last",
         "max_failures", "tensorboard", "wandb_project",
         "activation_checkpointing", "compile", "kernels", "async_checkpoint",
-        "reference_replicas", "reference_batch_size")
+        "reference_replicas", "reference_batch_size", "parallel.replicate", "parallel.shard")
 BATCH = ("micro_batch_size", "grad_accum", "num_workers")
 # What ``--restart`` removes: the stage's training state and what was made from it.
 WIPED = ("checkpoints", "hf", "tensorboard", "metrics.jsonl", "loss.png", "summary.json", KEY_FILE)
