@@ -7,6 +7,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -103,6 +104,30 @@ def test_build_submit_command(tmp_path):
     assert "--no-wait" in rc.build_submit_command(["true"], "http://h:1", wait=False)
 
 
+def test_a_local_cluster_gets_no_package_and_runs_in_place(tmp_path, monkeypatch):
+    """Issue 19, point 4: on a cluster that shares this disk (a loopback address) `submit`
+    uploads nothing, and the job runs this interpreter in the working directory; a remote
+    address gets the working_dir package as before. --upload/--no-upload override."""
+    calls = []
+    monkeypatch.setattr(rc, "run_job", lambda entry, url, wd, wait, env, upload: calls.append(
+        (entry, upload)) or 0)
+    assert rc.submit(["data", "--config", "c.yaml"], "http://127.0.0.1:8265", str(tmp_path)) == 0
+    entry, upload = calls[-1]
+    assert upload is False and entry[:2] == ["sh", "-c"]
+    inner = shlex.split(entry[2])
+    assert inner[:3] == ["cd", str(tmp_path.resolve()), "&&"] and inner[3] == "exec"
+    assert inner[4:8] == [sys.executable, "-m", "steelworks", "data"]
+    assert rc.submit(["data"], "http://10.0.0.5:8265", str(tmp_path)) == 0
+    assert calls[-1] == (["python", "-m", "steelworks", "data"], True)
+    assert rc.submit(["data"], "http://127.0.0.1:8265", str(tmp_path), upload=True) == 0
+    assert calls[-1][1] is True and calls[-1][0][0] == "python"
+    # Without a package the submit command has no --working-dir and no excludes.
+    cmd = rc.build_submit_command(entry, "http://127.0.0.1:8265", str(tmp_path), upload=False)
+    assert not [a for a in cmd if a.startswith("--working-dir")]
+    assert "excludes" not in _runtime_env(cmd) and _runtime_env(cmd)["env_vars"]["RAY_AUTH_MODE"] == "token"
+    assert cmd[cmd.index("--") + 1:] == entry
+
+
 def test_auth_env_forces_token_mode(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("SOME_VAR", "kept")
@@ -186,9 +211,13 @@ def test_cli_submit_collects_its_options_anywhere(monkeypatch):
     args = _parser().parse_args(["submit", "--env", "A=1", "pipeline", "--config", "c.yaml",
                                  "--set", "x.y=2", "--address", "http://h:8265", "--no-wait"])
     assert args.func(args) == 0
-    job, address, working_dir, wait, env = seen["call"]
+    job, address, working_dir, wait, env, upload = seen["call"]
     assert job == ["pipeline", "--config", "c.yaml", "--set", "x.y=2"]
-    assert (address, working_dir, wait, env) == ("http://h:8265", ".", False, {"A": "1"})
+    assert (address, working_dir, wait, env, upload) == ("http://h:8265", ".", False, {"A": "1"}, None)
+    args = _parser().parse_args(["submit", "pipeline", "--no-upload"])
+    assert args.func(args) == 0 and seen["call"][5] is False
+    args = _parser().parse_args(["submit", "--upload", "pipeline"])
+    assert args.func(args) == 0 and seen["call"][5] is True
 
     # After `--` everything belongs to the job, even options named like ours.
     args = _parser().parse_args(["submit", "--", "pipeline", "--no-wait"])

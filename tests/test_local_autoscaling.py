@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -243,12 +242,12 @@ def test_local_autoscaling_adds_and_removes_nodes(tmp_path, monkeypatch):
                                   f"--dashboard-agent-listen-port={agent}"],
                       autoscaling=str(cfg_path))
         (head_raylet,) = _raylets(port)
-        # No working_dir upload: fake nodes share the head's session dir, and one that joins
-        # mid-job re-unpacks the package the running driver has as its cwd.
-        submit = rc._ray_cli("job", "submit", f"--address={url}", "--no-wait",
-                             '--runtime-env-json={"env_vars": {"RAY_AUTH_MODE": "token"}}',
-                             "--", "python", "-c", _JOB)
-        assert subprocess.run(submit, env=rc.auth_env(), timeout=60).returncode == 0
+        # As `steelworks submit` sends a job to a local cluster: no working_dir package (fake
+        # nodes share the head's session dir, and one joining mid-job would re-unpack it over
+        # the running driver's cwd), the job run in place in its directory.
+        (tmp_path / "job.py").write_text(_JOB)
+        assert rc.run_job(rc.in_place([sys.executable, "job.py"], tmp_path), url, str(tmp_path),
+                          wait=False, upload=False) == 0
 
         nodes = _wait("two worker nodes", lambda: (r := _raylets(port)) and len(r) == 3 and r,
                       time.monotonic() + 75)

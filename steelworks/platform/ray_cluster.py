@@ -12,9 +12,10 @@ What a user needs for plain ``ray job submit`` against ``steelworks cluster up``
 
     export RAY_AUTH_MODE=token
     export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265
-    ray job submit --working-dir . -- python -m steelworks pipeline --config configs/demo.yaml
+    ray job submit -- sh -c "cd $PWD && python -m steelworks pipeline --config configs/demo.yaml"
 
-(``steelworks submit ...`` does all of that, plus the excludes and the ``runs_dir`` fix.)
+(``steelworks submit ...`` does all of that, plus the ``runs_dir`` fix; to a remote cluster it
+uploads the working directory as the job's package instead, without .venv, runs and .git.)
 """
 
 from __future__ import annotations
@@ -341,7 +342,9 @@ def cluster_up(num_cpus: int | None, port: int = DEFAULT_PORT,
         "For plain Ray CLIs (ray job submit / ray status) export first:\n"
         "  export RAY_AUTH_MODE=token\n"
         f"  export RAY_API_SERVER_ADDRESS={url}\n"
-        "  ray job submit --working-dir . -- python -m steelworks pipeline ...\n"
+        # No --working-dir: this cluster shares the disk, and a package would be unpacked again
+        # over running jobs by every node that joins (submit's docstring).
+        "  ray job submit -- sh -c 'cd $PWD && python -m steelworks pipeline ...'\n"
         "(RAY_ADDRESS=" + url + " works for `ray job submit` too, but a plain ray.init()\n"
         f" then fails; for ray.init / ray status use RAY_ADDRESS=127.0.0.1:{port}.)\n"
         f"Stop it with: steelworks cluster down --port {port}",
@@ -511,7 +514,8 @@ def _config_runs_dir(args: Sequence[str], working_dir: Path) -> str:
     return DEFAULT_RUNS_DIR
 
 
-def steelworks_entrypoint(args: Sequence[str], address: str, working_dir: str = ".") -> list[str]:
+def steelworks_entrypoint(args: Sequence[str], address: str, working_dir: str = ".",
+                          upload: bool = True) -> list[str]:
     """``python -m steelworks <args>``, with ``runs_dir`` made absolute for local clusters.
 
     A job runs in a copy of ``working_dir`` under the session's ``runtime_resources``, which
@@ -520,27 +524,42 @@ def steelworks_entrypoint(args: Sequence[str], address: str, working_dir: str = 
     (the same place a direct ``steelworks`` run writes).  For a remote cluster relative
     paths stay relative to the job's directory on the head: set ``runs_dir`` to shared
     storage there.
+
+    Without ``upload`` (a cluster that shares this machine's disk, see ``submit``) the job
+    runs this interpreter in ``working_dir`` itself: ``sh -c 'cd <dir> && exec python ...'``
+    (Ray quotes each entrypoint word, so the ``cd`` goes inside one ``sh -c`` string).
     """
-    entry = ["python", "-m", "steelworks", *args]
+    entry = ["python" if upload else sys.executable, "-m", "steelworks", *args]
+    wd = Path(working_dir).resolve()
     if is_local_address(address) and not _has_runs_dir_override(args):
-        wd = Path(working_dir).resolve()
         runs = Path(_config_runs_dir(args, wd))
         if not runs.is_absolute():
             entry += ["--set", f"runs_dir={wd / runs}"]
-    return entry
+    return entry if upload else in_place(entry, wd)
+
+
+def in_place(entry: Sequence[str], working_dir: str | Path) -> list[str]:
+    """``entry`` run in ``working_dir`` on a cluster that shares this disk (no package)."""
+    return ["sh", "-c", f"cd {shlex.quote(str(Path(working_dir).resolve()))} && exec {shlex.join(entry)}"]
 
 
 def build_submit_command(entrypoint: Sequence[str], address: str, working_dir: str = ".",
                          wait: bool = True, extra_env: Mapping[str, str] | None = None,
-                         excludes: Sequence[str] = tuple(SUBMIT_EXCLUDES)) -> list[str]:
-    """The ``ray job submit`` command line for ``entrypoint`` (a pure function, for tests)."""
+                         excludes: Sequence[str] = tuple(SUBMIT_EXCLUDES),
+                         upload: bool = True) -> list[str]:
+    """The ``ray job submit`` command line for ``entrypoint`` (a pure function, for tests).
+    ``upload``: ship ``working_dir`` as the job's runtime_env package (Ray's way for a
+    cluster on other machines); without it the job gets no package at all."""
     # The job's own env: auth on so that nested ray.init / Ray CLIs inside the job send the
     # token (the head passes its env down too, but a cluster started by hand may not have
     # it); unbuffered so that the streamed log keeps up with the job.
     env_vars = {AUTH_MODE_VAR: "token", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    runtime_env = {"excludes": list(excludes), "env_vars": env_vars}
-    cmd = _ray_cli("job", "submit", f"--address={address}",
-                   f"--working-dir={Path(working_dir).resolve()}",
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    package: list[str] = []
+    if upload:
+        runtime_env["excludes"] = list(excludes)
+        package = [f"--working-dir={Path(working_dir).resolve()}"]
+    cmd = _ray_cli("job", "submit", f"--address={address}", *package,
                    f"--runtime-env-json={json.dumps(runtime_env, sort_keys=True)}")
     if not wait:
         cmd.append("--no-wait")
@@ -548,21 +567,35 @@ def build_submit_command(entrypoint: Sequence[str], address: str, working_dir: s
 
 
 def run_job(entrypoint: Sequence[str], address: str | None = None, working_dir: str = ".",
-            wait: bool = True, extra_env: Mapping[str, str] | None = None) -> int:
+            wait: bool = True, extra_env: Mapping[str, str] | None = None,
+            upload: bool = True) -> int:
     """Submit any ``entrypoint`` as a Ray job; stream its log when ``wait``; return the exit
     code of ``ray job submit`` (0 when the job succeeded, 1 when it failed)."""
     cmd = build_submit_command(entrypoint, dashboard_address(address), working_dir, wait,
-                               extra_env)
+                               extra_env, upload=upload)
     return subprocess.run(cmd, env=auth_env()).returncode
 
 
 def submit(entrypoint_args: list[str], address: str | None = None, working_dir: str = ".",
-           wait: bool = True, extra_env: dict[str, str] | None = None) -> int:
-    """Run ``python -m steelworks <entrypoint_args>`` as a Ray job on ``address``."""
+           wait: bool = True, extra_env: dict[str, str] | None = None,
+           upload: bool | None = None) -> int:
+    """Run ``python -m steelworks <entrypoint_args>`` as a Ray job on ``address``.
+
+    ``upload`` None (auto): a cluster on this machine (a loopback address: ``cluster up``,
+    ``cluster-local.yaml``'s fake nodes) shares this disk, so nothing is uploaded and the job
+    runs in ``working_dir`` itself. That is also what keeps fake nodes from breaking a job:
+    they share the head's session directory, and a node joining mid-job would re-unpack an
+    uploaded package over the running workers' cwd (Ray's working_dir plugin installs with
+    overwrite). Any other address gets the package (Ray's runtime_env, keyed by its content
+    hash)."""
     url = dashboard_address(address)
-    entry = steelworks_entrypoint(entrypoint_args, url, working_dir)
-    print(f"steelworks: submitting to {url}: {shlex.join(entry)}", flush=True)
-    return run_job(entry, url, working_dir, wait, extra_env)
+    if upload is None:
+        upload = not is_local_address(url)
+    entry = steelworks_entrypoint(entrypoint_args, url, working_dir, upload)
+    how = "uploading" if upload else "no upload: the cluster shares this disk; running in"
+    print(f"steelworks: submitting to {url} ({how} {Path(working_dir).resolve()}): "
+          f"{shlex.join(entry)}", flush=True)
+    return run_job(entry, url, working_dir, wait, extra_env, upload)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -599,6 +632,8 @@ def _split_submit_args(rest: list[str]) -> tuple[list[str], dict[str, Any]]:
             break
         if a == "--no-wait":
             opts["wait"] = False
+        elif a in ("--upload", "--no-upload"):
+            opts["upload"] = a == "--upload"
         elif a in ("--address", "--working-dir", "--env") and i + 1 < len(rest):
             opts.setdefault(a, []).append(rest[i + 1])
             i += 1
@@ -627,7 +662,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             return 2
         env[key] = value
     wait = opts.get("wait", not args.no_wait)
-    return submit(job, address, working_dir, wait, env)
+    upload = opts.get("upload", args.upload)
+    return submit(job, address, working_dir, wait, env, upload)
 
 
 def add_cluster_commands(subparsers: Any) -> None:
@@ -665,15 +701,24 @@ def add_cluster_commands(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "submit", help="run a steelworks command as a Ray job (ray job submit, token auth)",
         description="Run `python -m steelworks COMMAND ...` on a Ray cluster as a job, "
-        "uploading this directory (without .venv, runs, .git). On a local cluster the "
-        "job's runs_dir is made absolute so outputs land in ./runs. Example: "
+        "uploading this directory (without .venv, runs, .git) to a remote cluster; a cluster "
+        "on this machine shares its disk, so there the job runs in place (--upload/--no-upload "
+        "override). On a local cluster the job's runs_dir is made absolute so outputs land in "
+        "./runs. Example: "
         "steelworks submit pipeline --config configs/demo.yaml --set pretrain.max_steps=20",
-        epilog="--address/--working-dir/--env/--no-wait may also follow the command; put the "
+        epilog="--address/--working-dir/--env/--no-wait/--upload/--no-upload may also follow the "
+        "command; put the "
         "command after `--` to pass such options through to it unchanged.")
     p.add_argument("--address", default=None,
                    help="dashboard URL (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS if a "
                    f"URL, else http://127.0.0.1:{DEFAULT_DASHBOARD_PORT})")
-    p.add_argument("--working-dir", default=".", help="directory uploaded as the job's cwd")
+    p.add_argument("--working-dir", default=".", help="the job's cwd: uploaded, or used in place "
+                   "on a cluster that shares this disk")
+    p.add_argument("--upload", dest="upload", action="store_true", default=None,
+                   help="ship --working-dir as the job's package (default for a remote address)")
+    p.add_argument("--no-upload", dest="upload", action="store_false",
+                   help="run in --working-dir in place: the cluster shares this disk (default for "
+                   "a local address, e.g. cluster-local.yaml's fake nodes)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job (repeatable)")
     p.add_argument("--no-wait", action="store_true",
