@@ -19,6 +19,7 @@ from steelworks.platform.settings import PipelineConfig
 from steelworks.train.driver import run_training
 
 
+@pytest.mark.faults  # kills rank 0 mid-run: make test-faults
 def test_hsdp_2x2_equals_one_process_and_its_checkpoint_resumes_in_one(demo_data, tmp_path):  # noqa: F811
     straight = tmp_path / "straight"
     job, cfg = _job(demo_data, straight, micro_batch_size=8, ckpt_every=3, max_steps=6)

@@ -442,6 +442,7 @@ def scrape_running(url: str) -> int:
     return int(float(m.group(1)))
 
 
+@pytest.mark.faults  # a client hangs up mid-stream through Ray Serve: make test-faults
 @pytest.mark.ray
 def test_hang_up_through_ray_serve_frees_the_row(ray_local, long_model_dir: Path) -> None:
     from steelworks.serve.deployment import deploy, shutdown

@@ -383,6 +383,7 @@ def test_activation_checkpointing_changes_memory_not_results(demo_data, tmp_path
     np.testing.assert_allclose(_losses(tmp_path / "ac"), _losses(tmp_path / "plain"), rtol=1e-6)
 
 
+@pytest.mark.faults  # kills a process: make test-faults
 def test_torchrun_two_ranks_resume_a_one_process_checkpoint(demo_data, tmp_path):
     """The loop under torchrun (no Ray): 2 gloo ranks pick up a checkpoint written by one
     process (DCP reshards it) and continue the same loss curve."""
