@@ -62,8 +62,10 @@ else
 	@echo "note: no chromium on PATH, and not a Debian-like system with apt-get to install one: tests/test_chat_page.py will skip"
 endif
 
+# The runs_dir: s3://... tests run against moto's S3 server on loopback (a dev extra), which
+# the suite starts on first use and stops at the end (tests/conftest.py, s3_server).
 test: $(VENV)/.dev browser
-	$(BIN)/python -m pytest -q -m "not faults"
+	$(BIN)/python -m pytest -q -m "not faults" --durations=15
 
 # Slow on purpose: each test kills something (a Ray Data worker, a train worker, the driver,
 # a Serve replica, a training process mid-step or mid-save) and checks what survives.

@@ -41,6 +41,15 @@ checkpoints there).
 
     .venv/bin/python benchmarks/scaling.py                 # 1, 2, 4 simulated nodes, ~5 min
     .venv/bin/python benchmarks/scaling.py --nodes 1 2 --mb 40 --steps 50
+
+Checkpoints on object storage (``--checkpoint-io``): one process saves and loads a training
+checkpoint (model + AdamW state, ``train/checkpoint.py``) on local disk, and with the run in a
+bucket (``runs_dir: s3://...``: saved locally, then uploaded; loaded on a node without the
+local copy: fetched, then read), side by side in one run, as seconds, MB/s and ratios. The
+bucket is a local S3 endpoint (moto's server, started here) unless ``--s3-uri`` names one
+(credentials and ``AWS_ENDPOINT_URL`` from the environment)::
+
+    .venv/bin/python benchmarks/scaling.py --checkpoint-io --ckpt-model 100m --repeats 3
 """
 
 from __future__ import annotations
@@ -355,6 +364,119 @@ def report(args: argparse.Namespace, inp: dict[str, Any], results: list[dict[str
     return "\n".join(lines)
 
 
+def _start_moto() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on a free loopback port (the test suite's endpoint, conftest.py)."""
+    import socket
+
+    port = _free_port()
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"http://127.0.0.1:{port}"
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("moto_server did not start")
+
+
+def checkpoint_io(args: argparse.Namespace) -> str:
+    """Save and load one checkpoint on local disk and through the bucket; -> markdown."""
+    moto = None
+    if args.s3_uri is None:
+        moto, endpoint = _start_moto()
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
+                          AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        import pyarrow.fs as pafs
+
+        pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("bench")
+        args.s3_uri = "s3://bench/ckpt-io"
+    try:
+        rows = _checkpoint_rows(args)
+    finally:
+        if moto is not None:
+            moto.terminate()
+    return _checkpoint_table(args, rows, "moto_server on loopback" if moto else args.s3_uri)
+
+
+def _checkpoint_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
+    from steelworks.platform.storage import Remote
+    from steelworks.train.checkpoint import fetch_checkpoint, load_checkpoint, save_checkpoint
+    from steelworks.train.config import ModelConfig
+    from steelworks.train.model import build_decoder
+    from steelworks.train.models import decoder_config
+
+    torch.manual_seed(0)
+    model = build_decoder(decoder_config(ModelConfig(size=args.ckpt_model), vocab_size=32000))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():  # one step, so the checkpoint holds AdamW's two moments
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    work = Path(tempfile.mkdtemp(prefix="ckpt-io-", dir=args.work))
+    rows = []
+    try:
+        for i in range(args.repeats):
+            remote = Remote(f"{args.s3_uri}/{i}")
+            for where in ("local disk", "bucket"):
+                d = work / f"{where.replace(' ', '-')}-{i}"
+                t0 = time.perf_counter()
+                path = save_checkpoint(d, 1, model, opt, {}, keep_last=1,
+                                       remote=remote if where == "bucket" else None)
+                save_s = time.perf_counter() - t0
+                size = sum(f.stat().st_size for f in path.iterdir())
+                t0 = time.perf_counter()
+                if where == "bucket":  # another node: no local copy
+                    shutil.rmtree(d)
+                    path = fetch_checkpoint(remote, path.name, d)
+                load_checkpoint(path, model, opt)
+                rows.append({"where": where, "repeat": i, "bytes": size, "save_s": save_s,
+                             "load_s": time.perf_counter() - t0})
+                if where == "bucket":  # the store alone: one PUT and one GET of the same bytes
+                    big = max(path.iterdir(), key=lambda f: f.stat().st_size)
+                    t0 = time.perf_counter()
+                    remote.upload(big, "raw.bin")
+                    put_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    remote.download("raw.bin", d / "raw.bin")
+                    rows.append({"where": "store alone", "repeat": i, "bytes": big.stat().st_size,
+                                 "save_s": put_s, "load_s": time.perf_counter() - t0})
+                shutil.rmtree(d, ignore_errors=True)
+            remote.delete("")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _checkpoint_table(args: argparse.Namespace, rows: list[dict[str, Any]], store: str) -> str:
+    import statistics
+
+    def med(where: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows if r["where"] == where)
+
+    size = rows[0]["bytes"]
+    local = {k: med("local disk", k) for k in ("save_s", "load_s")}
+    bucket = {k: med("bucket", k) for k in ("save_s", "load_s")}
+    alone = {k: med("store alone", k) for k in ("save_s", "load_s")}
+    raw = next(r["bytes"] for r in rows if r["where"] == "store alone")
+    lines = [f"- **Checkpoint:** `{args.ckpt_model}` model + AdamW state, {size / 1e6:,.0f} MB "
+             f"in one process (1 DCP file); median of {args.repeats}.",
+             f"- **Bucket:** {store}; local disk: {args.work}.",
+             "- **Machine:** " + _machine().replace("\n", "; "), "",
+             "| where | save s | save MB/s | load s | load MB/s |", "|---|---:|---:|---:|---:|"]
+    for name, t in (("local disk", local), ("bucket (S3)", bucket)):
+        lines.append(f"| {name} | {t['save_s']:.2f} | {size / 1e6 / t['save_s']:,.0f} | "
+                     f"{t['load_s']:.2f} | {size / 1e6 / t['load_s']:,.0f} |")
+    lines.append(f"| **bucket / local** | **{bucket['save_s'] / local['save_s']:.2f}x** | | "
+                 f"**{bucket['load_s'] / local['load_s']:.2f}x** | |")
+    lines.append(f"| the store alone: one PUT / one GET of the {raw / 1e6:,.0f} MB data file | "
+                 f"{alone['save_s']:.2f} | {raw / 1e6 / alone['save_s']:,.0f} | "
+                 f"{alone['load_s']:.2f} | {raw / 1e6 / alone['load_s']:,.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4], help="node counts to run")
@@ -374,9 +496,22 @@ def main() -> None:
     ap.add_argument("--work", default=str(WORK))
     ap.add_argument("--out", default=None, help="also write the markdown here")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint-io", action="store_true",
+                    help="checkpoint save/load on local disk vs a bucket, instead of node scaling")
+    ap.add_argument("--ckpt-model", default="100m", help="model size for --checkpoint-io")
+    ap.add_argument("--repeats", type=int, default=3, help="--checkpoint-io repeats")
+    ap.add_argument("--s3-uri", default=None,
+                    help="--checkpoint-io: an existing bucket prefix (default: a local moto server)")
     args = ap.parse_args()
     if args.child:
         return _child(args)
+    if args.checkpoint_io:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        table = checkpoint_io(args)
+        print(table)
+        if args.out:
+            Path(args.out).write_text(table + "\n")
+        return None
     args.load_before = os.getloadavg()[0]
     dp = _data_pipeline()
     if not dp.SHARED.exists():

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +25,23 @@ if os.environ.get("STEELWORKS_TEST_DEVICE", "cpu") == "cpu":
 os.environ.pop("STEELWORKS_API_KEY", None)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The object-storage tests' S3 endpoint: moto's server on loopback, started by the `s3`
+# fixture. The variables are set here, before anything starts Ray, so Ray's workers inherit
+# them the way a real cluster's nodes get theirs (instance roles, the environment). Always
+# set, never a developer's own: no test may reach a real bucket.
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="steelworks-test",
+                  AWS_SECRET_ACCESS_KEY="steelworks-test", AWS_DEFAULT_REGION="us-east-1")
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    os.environ.pop(_var, None)
 
 TINY_TEXTS = [
     "北京是中国的首都。上海是一座大城市。你好，世界！",
@@ -246,3 +269,40 @@ def make_engine(model_and_tokenizer):
     yield make
     for e in engines:
         e.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback for the whole test run (started on first use, stopped at
+    the end): the bucket ``runs_dir: s3://...`` tests write to."""
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    assert exe, "moto_server is missing: `make test` installs moto[server] with the dev extras"
+    port = int(S3_ENDPOINT.rsplit(":", 1)[1])
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert proc.poll() is None, f"moto_server exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "moto_server did not start listening in 60 s"
+        time.sleep(0.2)
+    yield S3_ENDPOINT
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, tmp_path, monkeypatch) -> str:
+    """A new, empty bucket: ``s3://<name>``. The run's local mirror goes under tmp_path."""
+    import pyarrow.fs as pafs
+
+    name = f"steelworks-test-{os.getpid()}-{next(_buckets)}"
+    pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True).create_dir(name)
+    monkeypatch.setenv("STEELWORKS_CACHE", str(tmp_path / "cache"))
+    return f"s3://{name}"
+

@@ -61,6 +61,10 @@ def test_cluster_yaml_shape(cluster_cfg):
     assert any("pip install -e ~/steelworks" in c for c in cluster_cfg["setup_commands"])
     assert {".venv", "runs"} <= set(cluster_cfg["rsync_exclude"])
     assert cluster_cfg["idle_timeout_minutes"] > 0
+    # Runs go to a bucket (the nodes share no disk): every node gets the instance profile
+    # that grants it, and the documented submit line names an s3:// runs_dir.
+    assert all("IamInstanceProfile" in t["node_config"] for t in types.values())
+    assert "--set runs_dir=s3://" in CLUSTER_YAML.read_text(encoding="utf-8")
 
 
 def test_cluster_yaml_keeps_token_auth_on(cluster_cfg):

@@ -2,18 +2,27 @@
 
 data (Ray Data) -> tokenizer (BPE + packed shards) -> pretrain (Ray Train, 2 workers, FSDP2)
 -> SFT -> eval (log-likelihood on the demo exam) -> serve (Ray Serve, /v1/chat/completions).
-Then: a second run skips every stage, and a changed SFT config re-runs only SFT and eval.
+Then: a second run on a "new node" skips every stage, and a changed SFT config re-runs only
+SFT and eval, resuming from its checkpoint.
+
+The run lives in a bucket (``runs_dir: s3://...`` on moto's S3 server, conftest.py), the way
+a multi-node cluster runs it: the bucket path covers the local one (each process works in a
+local mirror of the run, ``root`` below) plus everything that reaches the bucket. Pipelines
+with ``runs_dir`` on local disk run in test_init_from.py, test_stage_cache.py and `make demo`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import socket
 
 import pytest
 
 from steelworks.platform.config import load
 from steelworks.platform.settings import PipelineConfig
+from steelworks.platform.storage import Remote, mirror_root
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -36,24 +45,63 @@ TINY = [
 ]
 
 
+BUCKET = "steelworks-pipeline"
+STAGES = ["data", "tokenizer", "pretrain", "sft", "eval", "serve"]
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, ray_local):
+def run(tmp_path_factory, ray_local, s3_server):
+    """(config, results, the run's local mirror); the bucket is ``bucket(run)``."""
+    import pyarrow.fs as pafs
+
     from steelworks.platform.pipeline import run_pipeline
 
-    runs = tmp_path_factory.mktemp("runs")
-    cfg = load(PipelineConfig, None, [*TINY, f"runs_dir={runs}", "run=tiny",
-                                      f"serve.port={_free_port()}"])
-    return cfg, run_pipeline(cfg), runs / "tiny"
+    pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True).create_dir(BUCKET)
+    with pytest.MonkeyPatch.context() as mp:  # the mirror, for the whole module
+        mp.setenv("STEELWORKS_CACHE", str(tmp_path_factory.mktemp("mirror")))
+        cfg = load(PipelineConfig, None, [*TINY, f"runs_dir=s3://{BUCKET}/runs", "run=tiny",
+                                          f"serve.port={_free_port()}"])
+        yield cfg, run_pipeline(cfg), mirror_root(f"s3://{BUCKET}/runs/tiny")
+
+
+def bucket(run) -> Remote:
+    return Remote(f"s3://{BUCKET}/runs/tiny")
+
+
+def checkpoints(stage: str) -> list[str]:
+    """The complete checkpoints of a train stage, in the bucket (the local mirror is a cache)."""
+    remote = Remote(f"s3://{BUCKET}/runs/tiny/{stage}/checkpoints")
+    return [d for d in remote.dirs() if d.startswith("step_") and remote.exists(f"{d}/meta.json")]
 
 
 def test_every_stage_wrote_its_manifest(run):
     cfg, results, root = run
-    assert list(results) == ["data", "tokenizer", "pretrain", "sft", "eval", "serve"]
+    assert list(results) == STAGES
     for name in results:
         m = json.loads((root / name / "manifest.json").read_text())
         assert m["stage"] == name and m["outputs"]
         for rel, meta in m["outputs"].items():
             assert (root / name / rel).stat().st_size == meta["bytes"], rel
+
+
+def test_every_artifact_is_in_the_bucket(run):
+    """Manifests, cleaned and token shards, tokenizer, both ranks' checkpoint shards, Ray
+    Train's storage, exports and reports: all in the bucket, nothing temporary left there."""
+    _, results, _ = run
+    remote = bucket(run)
+    listing = remote.listing()
+    for name in STAGES:
+        assert remote.read_json(f"{name}/manifest.json") == results[name]
+        for rel, meta in results[name]["outputs"].items():
+            assert listing.get(f"{name}/{rel}") == meta["bytes"], f"{name}/{rel}"
+    assert any(k.startswith("data/clean/part-") for k in listing)
+    assert any(k.startswith("tokenizer/shards/pretrain/shard-") for k in listing)
+    assert {"tokenizer/tokenizer/tokenizer.json", "sft/hf/model.safetensors", "eval/report.json",
+            "pretrain/resume_key.json", "pretrain/checkpoints/checkpoint_manager_snapshot.json"} <= set(listing)
+    step = "pretrain/checkpoints/step_00000004"
+    assert {f"{step}/__0_0.distcp", f"{step}/__1_0.distcp", f"{step}/.metadata",
+            f"{step}/rng_rank1.json", f"{step}/meta.json"} <= set(listing)
+    assert not [k for k in listing if ".tmp" in k or ".read_counts" in k]
 
 
 def test_data_accounting_adds_up(run):
@@ -128,25 +176,36 @@ def test_adhoc_eval_gets_its_own_stage(run):
     assert (root / "eval" / "manifest.json").read_text() == before
 
 
-def test_rerun_skips_and_config_change_reruns_downstream(run):
+def test_rerun_on_a_new_node_skips_and_config_change_reruns_downstream(run, caplog):
+    """A re-submitted run on a node that has none of the run (its mirror deleted) skips every
+    finished stage from the bucket; a longer SFT then resumes from its checkpoint there."""
     from steelworks.platform.pipeline import run_pipeline
     from steelworks.train.resume import ResumeConflict
 
     cfg, results, root = run
-    cfg.stages = ["data", "tokenizer", "pretrain", "sft", "eval"]
-    again = run_pipeline(cfg)
+    cfg.stages = STAGES[:-1]
+    manifests = {n: bucket(run).read_bytes(f"{n}/manifest.json") for n in cfg.stages}
+    shutil.rmtree(root)
+    with caplog.at_level(logging.INFO, "steelworks"):
+        again = run_pipeline(cfg)
     for name in cfg.stages:
         assert again[name]["ended_at"] == results[name]["ended_at"], f"{name} was re-run"
+    assert len([r for r in caplog.records if "is up to date" in r.getMessage()]) == len(cfg.stages)
+    assert {n: bucket(run).read_bytes(f"{n}/manifest.json") for n in cfg.stages} == manifests
+    assert (root / "sft" / "hf" / "model.safetensors").is_file(), "eval's input was fetched"
     # Shortening a run below what it trained is an error, not a restart: nothing is deleted.
-    ckpts = sorted(p.name for p in (root / "sft" / "checkpoints").glob("step_*"))
+    ckpts = checkpoints("sft")
     before = (root / "sft" / "metrics.jsonl").read_text().splitlines()
     cfg.sft.max_steps = 2
     with pytest.raises(ResumeConflict, match=r"max_steps=2 is below the 3 steps"):
         run_pipeline(cfg)
-    assert sorted(p.name for p in (root / "sft" / "checkpoints").glob("step_*")) == ckpts
-    # Extending a run resumes it from its last checkpoint; only SFT and eval re-run.
+    assert checkpoints("sft") == ckpts == ["step_00000003"]
+    # Extending a run resumes it from its last checkpoint (in the bucket: this node has no
+    # copy); only SFT and eval re-run.
     cfg.sft.max_steps = 4
-    extended = run_pipeline(cfg)
+    with caplog.at_level(logging.INFO, "steelworks"):
+        extended = run_pipeline(cfg)
+    assert f"resuming from {bucket(run).uri}/sft/checkpoints/step_00000003" in caplog.text
     for name in ("data", "tokenizer", "pretrain"):
         assert extended[name]["ended_at"] == results[name]["ended_at"], f"{name} was re-run"
     assert (extended["eval"]["inputs"]["sft"]["content_sha256"]
@@ -154,30 +213,27 @@ def test_rerun_skips_and_config_change_reruns_downstream(run):
     after = (root / "sft" / "metrics.jsonl").read_text().splitlines()
     assert extended["sft"]["metrics"]["final_step"] == 4
     assert after[:3] == before and [json.loads(r)["step"] for r in after] == [1, 2, 3, 4]
+    assert bucket(run).read_json("sft/manifest.json") == extended["sft"]
 
 
 def test_train_checkpoints_survive_every_change(run, caplog):
-    """Refuse, never delete (train/resume.py): identical data re-made, speed settings,
-    shortening and a changed learning rate all leave the checkpoints; the first two resume,
-    the others fail naming the field; only --restart starts over, and says so."""
+    """Refuse, never delete (train/resume.py): speed settings, shortening and a changed
+    learning rate all leave the checkpoints; the first resumes, the others fail naming the
+    field; only --restart starts over, and says so. (An identical `data --force` leaves the
+    train stages current: tests/test_stage_cache.py.)"""
     import copy
 
-    from steelworks.platform.pipeline import run_data, run_pretrain, run_tokenizer
+    from steelworks.platform.pipeline import run_pretrain
     from steelworks.train.resume import ResumeConflict
 
     cfg0, results, root = run
-    ckpt = root / "pretrain" / "checkpoints"
 
     def state():
-        return (sorted(p.name for p in ckpt.glob("step_*")),
-                (root / "pretrain" / "metrics.jsonl").read_text())
+        return checkpoints("pretrain"), bucket(run).read_bytes("pretrain/metrics.jsonl")
 
     start = state()
     assert start[0], "the pretrain stage left no checkpoint"
-    # `data --force` on the same corpus: byte-identical outputs, so nothing downstream moves.
     cfg = copy.deepcopy(cfg0)
-    run_data(cfg, force=True)
-    assert run_tokenizer(cfg)["ended_at"] == results["tokenizer"]["ended_at"]
     assert run_pretrain(cfg)["ended_at"] == results["pretrain"]["ended_at"]
     assert state() == start
     # Speed and memory settings resume (a finished run: no step is trained again).
@@ -208,4 +264,5 @@ def test_train_checkpoints_survive_every_change(run, caplog):
     assert "--restart: removed checkpoints" in caplog.text
     rows = [json.loads(r) for r in (root / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert restarted["metrics"]["final_step"] == 4 and [r["step"] for r in rows] == [2, 4]
-    assert json.loads((root / "pretrain" / "resume_key.json").read_text())["config"]["optim.lr"] == 1e-4
+    assert [json.loads(x) for x in bucket(run).read_bytes("pretrain/metrics.jsonl").splitlines()] == rows
+    assert bucket(run).read_json("pretrain/resume_key.json")["config"]["optim.lr"] == 1e-4

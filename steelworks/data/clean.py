@@ -28,6 +28,7 @@ import pandas as pd
 from ray.data.expressions import col
 
 from steelworks.data.config import DataConfig, SourceConfig
+from steelworks.platform.storage import Remote, uri_of
 
 KEPT, DUPLICATE, QUARANTINED = "kept", "duplicate", "quarantined"
 CLEAN_COLUMNS = ["source", "path", "line", "text"]
@@ -222,7 +223,9 @@ def _block_bytes(cfg: DataConfig) -> int:
 
 
 def _str(path: Path | None) -> str | None:
-    return None if path is None else str(path)
+    """A directory the readers write into: its URI when the run is in a bucket (a read task
+    may run on another node), else its path."""
+    return None if path is None else uri_of(path) or str(path)
 
 
 def count_statuses(ds) -> dict[str, dict[str, int]]:
@@ -241,7 +244,7 @@ def add_read_counts(counts: dict[str, dict[str, int]], counts_dir: Path) -> None
     and no status mentions gets an entry too, so ``check_accounting`` sees it lost."""
     from steelworks.data.readers import read_counts
 
-    for source, rc in read_counts(counts_dir).items():
+    for source, rc in read_counts(_str(counts_dir)).items():
         c = counts.setdefault(source, {})
         c["read"] = rc.records
         if rc.rows != rc.records:
@@ -264,6 +267,8 @@ def run_clean(cfg: DataConfig, sources: list[SourceConfig], sft_sources: list[So
     data_context(partitions)
     counts_dir = out_dir / ".read_counts"  # the readers' own record counts, per task
     shutil.rmtree(counts_dir, ignore_errors=True)
+    if (counts_uri := uri_of(counts_dir)) is not None:
+        Remote(counts_uri).delete("")
     outputs: list[str] = []
     counts: dict[str, dict[str, int]] = {}
     quarantined: list[dict[str, Any]] = []
@@ -310,6 +315,8 @@ def run_clean(cfg: DataConfig, sources: list[SourceConfig], sft_sources: list[So
     outputs.append("quarantine.jsonl")
     add_read_counts(counts, counts_dir)
     shutil.rmtree(counts_dir, ignore_errors=True)
+    if counts_uri is not None:
+        Remote(counts_uri).delete("")
     totals: dict[str, int] = {}
     for c in counts.values():
         for k, v in c.items():
@@ -362,7 +369,16 @@ def write_parquet_dir(ds, out_dir: Path, name: str) -> list[str]:
     # Fixed-size row groups: by default each block a write task receives becomes a row
     # group, and block boundaries follow the sort's sampled ranges, which vary from run to
     # run (a retried task is enough), so the same rows would give different bytes.
-    ds.write_parquet(str(tmp), row_group_size=PARQUET_ROW_GROUP_ROWS)
+    if (uri := uri_of(tmp)) is None:
+        ds.write_parquet(str(tmp), row_group_size=PARQUET_ROW_GROUP_ROWS)
+    else:
+        # The run is in a bucket: write tasks on any node write there, and this node fetches
+        # the files to name them; the stage's manifest later uploads them under those names.
+        remote = Remote(uri)
+        remote.delete("")
+        ds.write_parquet(remote.root, filesystem=remote.fs, row_group_size=PARQUET_ROW_GROUP_ROWS)
+        remote.pull(tmp, remote.listing())
+        remote.delete("")
     files = sorted(tmp.glob("*.parquet"))  # Ray names them <uuid>_<task:06>_<block:06>
     for i, f in enumerate(files):
         f.rename(tmp / f"part-{i:05d}-of-{len(files):05d}.parquet")

@@ -42,6 +42,7 @@ from steelworks.data.aggregate import totals_by
 from steelworks.data.clean import data_context
 from steelworks.data.config import MixConfig
 from steelworks.data.shards import ShardIndex, ShardInfo, token_dtype, write_shard
+from steelworks.platform.storage import Remote, dataset_paths, local_dir, uri_of
 
 PACK_DOCS_PER_BATCH = 2048  # documents tokenized and packed together by one task
 
@@ -64,7 +65,7 @@ def _load(tokenizer_dir: str):
     # One thread per task: Ray gives each task one CPU and runs one task per CPU. The Rust
     # tokenizer's own thread pool would otherwise oversubscribe the node.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    path = Path(tokenizer_dir)
+    path = local_dir(tokenizer_dir, TOKENIZER_MARKER)  # a run in a bucket: a URI (_location)
     if (path / "tokenizer.json").exists() and (path / "tokenizer_config.json").exists():
         from tokenizers import Tokenizer
 
@@ -75,7 +76,7 @@ def _load(tokenizer_dir: str):
             return [e.ids for e in rust.encode_batch_fast(texts, add_special_tokens=False)]
 
         return encode, eod
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(path)
     return (lambda texts: tok(texts, add_special_tokens=False)["input_ids"]), document_end_id(tok)
 
 
@@ -85,7 +86,18 @@ def _hf_tokenizer(tokenizer_dir: str):
     from steelworks.data.tokenizer import load_tokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in _load
-    return load_tokenizer(tokenizer_dir)
+    return load_tokenizer(local_dir(tokenizer_dir, TOKENIZER_MARKER))
+
+
+# Written last by save_pretrained, and uploaded last (pipeline.run_tokenizer): a worker that
+# finds it has the whole tokenizer.
+TOKENIZER_MARKER = "tokenizer_config.json"
+
+
+def _location(path: Path) -> str:
+    """How a worker is told of a directory the driver wrote: its URI when the run is in a
+    bucket (the worker may be on another node), else its path."""
+    return uri_of(path) or str(path)
 
 
 def document_end_id_from_files(path: Path, rust) -> int:
@@ -410,21 +422,34 @@ def log_mix(report: dict[str, Any], packed: dict[str, int], total_fixed: bool) -
                         s, r["target_ratio"])
 
 
-def write_shards(batch: pd.DataFrame, out_dir: str, vocab_size: int) -> pd.DataFrame:
-    """Writes one shard per batch; the name is the content hash, so it is deterministic."""
+def write_shards(batch: pd.DataFrame, out_dir: str, vocab_size: int,
+                 out_uri: str | None = None) -> pd.DataFrame:
+    """Writes one shard per batch; the name is the content hash, so it is deterministic.
+    ``out_uri``: the run is in a bucket; the shard goes there too (the driver may be on
+    another node)."""
     tokens = np.stack(list(batch["tokens"]))
     mask = np.stack(list(batch["mask"])) if "mask" in batch else None
     segments = np.stack(list(batch["segments"])) if "segments" in batch else None
     name = "shard-" + hashlib.sha256(tokens.astype(np.int64).tobytes()).hexdigest()[:16] + ".bin"
     info = write_shard(Path(out_dir) / name, tokens, token_dtype(vocab_size), mask,
                        segments=segments)
+    if out_uri is not None:
+        for f in (info.file, info.mask_file, info.seg_file):
+            if f is not None:
+                Remote(out_uri).upload(Path(out_dir) / f, f)
     return pd.DataFrame([{**info.__dict__, "first_row": tokens[0].astype(np.int64).tobytes().hex()}])
 
 
 def _write(ds, out_dir: Path, vocab_size: int, rows_per_shard: int) -> list[ShardInfo]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = ds.map_batches(write_shards, fn_kwargs={"out_dir": str(out_dir), "vocab_size": vocab_size},
+    out_uri = uri_of(out_dir)
+    meta = ds.map_batches(write_shards, fn_kwargs={"out_dir": str(out_dir), "vocab_size": vocab_size,
+                                                   "out_uri": out_uri},
                           batch_size=rows_per_shard, batch_format="pandas").take_all()
+    if out_uri is not None:  # written on other nodes too: all of them into this one's mirror
+        sizes = Remote(out_uri).listing()
+        names = {r[k] for r in meta for k in ("file", "mask_file", "seg_file") if isinstance(r[k], str)}
+        Remote(out_uri).pull(out_dir, {n: sizes[n] for n in names})
     # Order shards by content (preserve_order makes the set deterministic; this the order).
     meta.sort(key=lambda r: r["first_row"])
     return [ShardInfo(**{k: (None if isinstance(v, float) and math.isnan(v) else v)
@@ -460,10 +485,11 @@ def pack_pretrain(clean_files: list[Path], tokenizer_dir: Path, out_dir: Path, s
     # Split into blocks after reading: Ray reads small shards into one block, and one block
     # is tokenized by one task, one CPU.
     blocks = _read_blocks(clean_files)
-    ds = (ray.data.read_parquet([str(f) for f in clean_files])
+    paths, fs = dataset_paths(clean_files)  # in the bucket, when the run is there
+    ds = (ray.data.read_parquet(paths, filesystem=fs)
           .select_columns(["source", "path", "line", "text"])
           .repartition(blocks))
-    tok_kwargs = {"tokenizer_dir": str(tokenizer_dir)}
+    tok_kwargs = {"tokenizer_dir": _location(tokenizer_dir)}
     metrics: dict[str, Any] = {}
     plan = None
     if (ratios and any(r is not None for r in ratios.values())) or mix.total_tokens is not None:
@@ -548,9 +574,10 @@ def build_sft(sft_files: list[Path], tokenizer_dir: Path, out_dir: Path, seq_len
     import ray
 
     data_context()
-    ds = ray.data.read_parquet([str(f) for f in sft_files]).select_columns(["messages", "task_type"])
+    paths, fs = dataset_paths(sft_files)  # in the bucket, when the run is there
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["messages", "task_type"])
     ds = ds.map_batches(encode_conversations, batch_size=256, batch_format="pandas",
-                        fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "seq_len": seq_len,
+                        fn_kwargs={"tokenizer_dir": _location(tokenizer_dir), "seq_len": seq_len,
                                    "pack": pack}).materialize()
     by_type: dict[str, int] = {}
     if pack:

@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, Literal
 
 from steelworks.data.config import SourceConfig
 from steelworks.data.formats import Converted, Format, RecordError, expand_paths, get_format
+from steelworks.platform.storage import Remote, is_uri
 
 try:  # orjson parses JSON lines ~3x faster; optional, the stdlib gives the same results
     import orjson
@@ -508,25 +509,37 @@ def _read_batch(batch: Any, src: SourceConfig, counts_dir: str | None) -> Iterat
         for rows in read_task(task, src, counts=counts):
             yield pd.DataFrame(rows, columns=list(ROW_COLUMNS))
         if counts_dir is not None:
-            _write_counts(Path(counts_dir), src.name, task, counts)
+            _write_counts(counts_dir, src.name, task, counts)
 
 
 def _write_counts(directory: Path, source: str, task: ReadTask, counts: ReadCounts) -> None:
+    """One task's counts, atomically: to a file, or to an object when ``directory`` is a URI
+    (the run is in a bucket and this task may run on another node than the driver)."""
     import hashlib
     import os
 
-    directory.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha1(f"{source}\0{task.key}".encode()).hexdigest()[:20] + ".json"
+    record = {"source": source, "task": task.key, **counts.__dict__}
+    if is_uri(str(directory)):
+        Remote(str(directory)).write_json(name, record)  # one PUT: atomic
+        return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{name}.{os.getpid()}"
-    tmp.write_text(json.dumps({"source": source, "task": task.key, **counts.__dict__}))
+    tmp.write_text(json.dumps(record))
     os.replace(tmp, directory / name)
 
 
 def read_counts(counts_dir: str | Path) -> dict[str, ReadCounts]:
-    """{source: ReadCounts} summed over the files ``read_source`` tasks wrote."""
+    """{source: ReadCounts} summed over the files ``read_source`` tasks wrote (a directory,
+    or a URI: ``_write_counts``)."""
     out: dict[str, ReadCounts] = {}
-    for f in sorted(Path(counts_dir).glob("*.json")):
-        c = json.loads(f.read_text())
+    if is_uri(str(counts_dir)):
+        remote = Remote(str(counts_dir))
+        records = [remote.read_json(rel) for rel in sorted(remote.listing()) if rel.endswith(".json")]
+    else:
+        records = [json.loads(f.read_text()) for f in sorted(Path(counts_dir).glob("*.json"))]
+    for c in records:
         total = out.setdefault(c["source"], ReadCounts())
         total.records += c["records"]
         total.rows += c["rows"]

@@ -29,6 +29,8 @@ from steelworks.evals.benchmarks import Item, Subject
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.report import write_report
 from steelworks.evals.runner import load_items, predict_items, summarize
+from steelworks.platform.rundir import stage_path
+from steelworks.platform.storage import uri_of
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class Replica:
         # Ray sets OMP_NUM_THREADS from the actor's CPUs; torch's pool must agree, or two
         # replicas on one node each spin up a thread per core and fight over them.
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
+        model_dir = str(stage_path(model_dir))  # a URI (run in a bucket): fetched to this node
         self.cfg = cfg
         self.subjects = list(subjects)
         self.shots = {k: list(v) for k, v in shots.items()}
@@ -81,7 +84,8 @@ def predict_on_ray(model_dir: str | Path, items: Sequence[Item], subjects: Seque
     ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / block))
     out = ds.map_batches(
         Replica,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "cfg": cfg,
+        # A replica may run on another node: a mirrored model is named by its URI.
+        fn_constructor_kwargs={"model_dir": uri_of(model_dir) or str(model_dir), "cfg": cfg,
                                "subjects": list(subjects), "shots": dict(shots or {}),
                                "device": device},
         batch_size=block,

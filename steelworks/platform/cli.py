@@ -103,6 +103,8 @@ def cmd_demo(args) -> int:
 def cmd_serve(args) -> int:
     import time
 
+    from steelworks.platform.rundir import stage_path
+    from steelworks.platform.storage import location
     from steelworks.serve.deployment import deploy
 
     cfg = _load(args)
@@ -111,7 +113,8 @@ def cmd_serve(args) -> int:
     from steelworks.platform.pipeline import final_model_stage
 
     trained = final_model_stage(cfg)  # dpo when the run's stages have it, else sft
-    model = args.model or str(Path(cfg.runs_dir) / cfg.run / trained / "hf")
+    # A run in a bucket: its model is fetched into this machine's mirror first.
+    model = args.model or str(stage_path(location(cfg.runs_dir, cfg.run, trained, "hf")))
     if not (Path(model) / "config.json").exists() and (Path(model) / "hf" / "config.json").exists():
         model = str(Path(model) / "hf")  # a train stage's directory: serve its HF export
     if not (Path(model) / "config.json").exists():
@@ -182,11 +185,23 @@ def _demo_exam(cfg) -> str | None:
     """The run's demo exam directory, when its data stage built one."""
     import json
 
-    manifest = Path(cfg.runs_dir) / cfg.run / "data" / "manifest.json"
-    if not manifest.exists():
-        return None
-    exam = json.loads(manifest.read_text()).get("exam")
-    return str((manifest.parent / exam).resolve()) if exam else None
+    from steelworks.platform.rundir import MANIFEST, run_dir
+    from steelworks.platform.storage import Remote, is_uri, join
+
+    local = run_dir(cfg.runs_dir, cfg.run) / "data"
+    if is_uri(cfg.runs_dir):  # fetch the exam's files only, not the whole data stage
+        remote = Remote(join(cfg.runs_dir, cfg.run, "data"))
+        if not remote.exists(MANIFEST):
+            return None
+        manifest = remote.read_json(MANIFEST)
+        if exam := manifest.get("exam"):
+            remote.pull(local, {rel: m["bytes"] for rel, m in manifest["outputs"].items()
+                                if rel.startswith(f"{exam}/")})
+    else:
+        if not (local / MANIFEST).exists():
+            return None
+        exam = json.loads((local / MANIFEST).read_text()).get("exam")
+    return str((local / exam).resolve()) if exam else None
 
 
 STAGE_HELP = {

@@ -180,6 +180,15 @@ def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
                     yield t
         tok = train_tokenizer(texts(), cfg.tokenizer.vocab_size, tok_dir, cfg.tokenizer.min_frequency)
     vocab, pad = len(tok), tok.pad_token_id
+    if stage.remote is not None:
+        # Packing workers on other nodes load the tokenizer from the bucket: upload it now, its
+        # marker last (pack.TOKENIZER_MARKER), and start the shards from an empty prefix.
+        from steelworks.data.pack import TOKENIZER_MARKER
+
+        stage.remote.delete("shards")
+        stage.remote.child("tokenizer").push(
+            tok_dir, [str(f.relative_to(tok_dir)) for f in sorted(tok_dir.rglob("*")) if f.is_file()],
+            last=TOKENIZER_MARKER)
     metrics: dict[str, Any] = {"tokenizer": tokenizer_summary(tok_dir)}
     if clean:
         metrics["pretrain"] = pack_pretrain(
@@ -190,7 +199,19 @@ def run_tokenizer(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
         metrics["sft"] = build_sft(sft, tok_dir, stage.dir / "shards" / "sft", cfg.pack.sft_seq_len,
                                    cfg.pack.sequences_per_shard, vocab, pad, pack=cfg.pack.sft_pack)
     log.info("tokenizer: %s", {k: v for k, v in metrics.items() if k != "tokenizer"})
-    return stage.finish(list_outputs(stage.dir), metrics=metrics)
+    outputs = list_outputs(stage.dir)
+    return stage.finish(outputs, metrics=metrics, in_bucket=_already_uploaded(stage, outputs))
+
+
+def _already_uploaded(stage: Stage, outputs: list[str]) -> list[str]:
+    """The tokenizer stage's outputs in the bucket already: the tokenizer (uploaded before
+    packing) and the shards the packing workers uploaded (named by their content, so the same
+    name and size is the same file)."""
+    if stage.remote is None:
+        return []
+    sizes = stage.remote.listing()
+    return [rel for rel in outputs if sizes.get(rel) == (stage.dir / rel).stat().st_size
+            and (rel.startswith("tokenizer/") or Path(rel).name.startswith("shard-"))]
 
 
 def _settle_resume(stage: Stage, name: str, tcfg: Any, restart: bool) -> None:
@@ -198,7 +219,7 @@ def _settle_resume(stage: Stage, name: str, tcfg: Any, restart: bool) -> None:
     never delete them otherwise (train/resume.py): a change that cannot resume, or fewer
     steps than already trained, is a ``ResumeConflict`` naming the fields."""
     from steelworks import __version__
-    from steelworks.train.checkpoint import latest_checkpoint
+    from steelworks.train.checkpoint import latest_checkpoint, latest_remote_checkpoint
     from steelworks.train.resume import (
         KEY_FILE,
         WIPED,
@@ -210,14 +231,25 @@ def _settle_resume(stage: Stage, name: str, tcfg: Any, restart: bool) -> None:
     )
 
     key = make_key(stage.config, stage.input_hashes, __version__)
+    remote = stage.remote
     if restart:
         gone = [d for d in WIPED if (stage.dir / d).exists()]
         for d in gone:
             p = stage.dir / d
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if remote is not None:  # the bucket is the run: there above all
+            for d in WIPED:
+                remote.delete(d)
         log.warning("stage %s: --restart: removed %s from %s; training starts at step 0", name,
-                    ", ".join(gone) or "nothing (no earlier training)", stage.dir)
-    last = latest_checkpoint(stage.dir / "checkpoints")
+                    ", ".join(gone) or "nothing (no earlier training)", stage.location)
+    if remote is None:
+        last = latest_checkpoint(stage.dir / "checkpoints")
+    else:  # the bucket's checkpoints and key, wherever the earlier run went
+        last = stage.dir / "checkpoints" / found if (found := latest_remote_checkpoint(
+            remote.child("checkpoints"))) else None
+        (stage.dir / KEY_FILE).unlink(missing_ok=True)
+        if remote.exists(KEY_FILE):
+            remote.download(KEY_FILE, stage.dir / KEY_FILE)
     command = f"steelworks {name}"
     if last is not None:
         old = read_key(stage.dir)
@@ -239,8 +271,11 @@ def _settle_resume(stage: Stage, name: str, tcfg: Any, restart: bool) -> None:
                 f"stage {name}: {name}.max_steps={tcfg.max_steps} is below the {done} steps "
                 f"already trained ({last}). Nothing was deleted. Set max_steps >= {done} to "
                 f"resume, or start over with `{command} --restart`.")
-        log.info("stage %s: resuming from %s", name, last)
+        log.info("stage %s: resuming from %s", name, f"{remote.uri}/checkpoints/{last.name}"
+                 if remote is not None else last)
     atomic_write_json(stage.dir / KEY_FILE, key)
+    if remote is not None:
+        remote.upload(stage.dir / KEY_FILE, KEY_FILE)
     (stage.dir / "fingerprint.txt").unlink(missing_ok=True)  # the older, hashed key
 
 
@@ -301,15 +336,21 @@ def _run_train_stage(cfg: PipelineConfig, name: str, force: bool, restart: bool 
     job = {"task": name, "train": to_dict(tcfg), "tokenizer_dir": str(tok_dir / "tokenizer"),
            "data_dir": str(tok_dir / "shards" / name), "out_dir": str(stage.dir),
            "init_from": init_from}
+    if stage.remote is not None:  # train/remote.py: what each worker fetches, where it writes
+        job.update(remote_dir=stage.remote.uri, pull=[[r.uri, str(stage.inputs[n])]
+                                                      for n, r in stage.input_remotes.items()])
     extra_metrics: dict[str, Any] = {}
     if name == "dpo":
         if prefs is None:
             prefs = [str(stage.inputs["data"] / stage.input_manifest("data")["preference"])]
         extra_metrics["pairs"] = _dpo_pairs(stage, cfg.dpo, prefs, init_from, job["tokenizer_dir"])
         job["data_dir"] = str(stage.dir / "pairs")
+        if stage.remote is not None:
+            job["pull_dirs"] = [[stage.remote.child("pairs").uri, job["data_dir"], "key.json"]]
     from steelworks.train.driver import run_training
 
     summary = run_training(job, tcfg, use_ray=tcfg.num_workers > 0)
+    fetched = _fetch_train_outputs(stage)
     reports = ["metrics.jsonl", "loss.png", "summary.json"]  # timings: differ run to run
     # hf/ is what eval and serve read (with LoRA: the merged model); adapter/ the peft adapter
     outputs = list_outputs(stage.dir, "hf")
@@ -317,7 +358,23 @@ def _run_train_stage(cfg: PipelineConfig, name: str, force: bool, restart: bool 
         outputs += list_outputs(stage.dir, "adapter")
     if name == "dpo":
         outputs += list_outputs(stage.dir, "pairs")
-    return stage.finish(outputs + reports, metrics={**summary, **extra_metrics}, reports=reports)
+    return stage.finish(outputs + reports, metrics={**summary, **extra_metrics}, reports=reports,
+                        in_bucket=fetched)
+
+
+def _fetch_train_outputs(stage: Stage) -> list[str]:
+    """A run in a bucket: the exports and reports that rank 0 uploaded (it may have run on
+    another node), fetched into this node's mirror; -> their paths, already in the bucket."""
+    from steelworks.train.remote import OUTPUT_DIRS, REPORTS
+
+    if stage.remote is None:
+        return []
+    for d in OUTPUT_DIRS:  # this node's copy from an earlier run is not this run's export
+        shutil.rmtree(stage.dir / d, ignore_errors=True)
+    files = [rel for rel in stage.remote.listing() if rel.split("/")[0] in OUTPUT_DIRS or rel in REPORTS]
+    for rel in files:
+        stage.remote.download(rel, stage.dir / rel)
+    return files
 
 
 def _dpo_pairs(stage: Stage, dcfg: Any, files: list[str], reference: str, tokenizer_dir: str
@@ -339,6 +396,9 @@ def _dpo_pairs(stage: Stage, dcfg: Any, files: list[str], reference: str, tokeni
            "quantized": quantize, "inputs": stage.input_hashes,
            "tokenizer": sha256_file(Path(tokenizer_dir) / "tokenizer.json")}
     key_file = out / "key.json"
+    remote = stage.remote.child("pairs") if stage.remote is not None else None
+    if remote is not None and not remote.mirror(out, "key.json"):
+        key_file.unlink(missing_ok=True)  # the bucket has none: this node's copy is not the run's
     if key_file.exists() and json.loads(key_file.read_text()).get("sha256") == sha256_json(key) \
             and (out / "pairs.parquet").exists():
         counts = json.loads((out / "counts.json").read_text())
@@ -362,6 +422,9 @@ def _dpo_pairs(stage: Stage, dcfg: Any, files: list[str], reference: str, tokeni
     write_pairs(out, pairs, chosen, rejected)
     atomic_write_json(out / "counts.json", counts)
     atomic_write_json(key_file, {"sha256": sha256_json(key), **key})
+    if remote is not None:  # the key last: pairs in the bucket are trusted only with it
+        remote.delete("key.json")
+        remote.push(out, [*list_outputs(out), "key.json"], last="key.json")
     return counts
 
 
@@ -501,14 +564,19 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False,
 
 
 def summarize(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
-    root = Path(cfg.runs_dir) / cfg.run
+    from steelworks.platform.rundir import run_dir
+    from steelworks.platform.storage import is_uri, location
+
+    root = location(cfg.runs_dir, cfg.run)  # a path, or the run's URI in its bucket
     lines = ["", "=" * 64, f"steelworks run '{cfg.run}' finished: artifacts in {root}/"]
+    if is_uri(cfg.runs_dir):
+        lines.append(f"  (this machine's copy: {run_dir(cfg.runs_dir, cfg.run)}/)")
     for name in results:
-        lines.append(f"  {name:<10} {root / name}/manifest.json")
+        lines.append(f"  {name:<10} {root}/{name}/manifest.json")
     if "data" in results:
         lines.append(f"data: {results['data']['metrics'].get('totals')}")
         if any(f.startswith("plots/") for f in results["data"].get("outputs", {})):
-            lines.append(f"  filter-stat histograms: {root / 'data' / 'plots'}/")
+            lines.append(f"  filter-stat histograms: {root}/data/plots/")
     if "tokenizer" in results:
         m = results["tokenizer"]["metrics"]
         if "pretrain" in m:
@@ -531,11 +599,11 @@ def summarize(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
         ev = results["eval"]["metrics"]
         lines.append(f"eval: accuracy {ev['micro_acc']:.1%} on {ev['n']} questions "
                      f"({cfg.eval.scoring} scoring; chance 25%); "
-                     f"report: {root / results['eval']['stage']}/report.md")
+                     f"report: {root}/{results['eval']['stage']}/report.md")
     if "serve" in results and "smoke_test" in results["serve"]["metrics"]:
         s = results["serve"]["metrics"]["smoke_test"]
         lines.append(f"chat: Q: {s['question']}  A: {s['answer']}")
-    sft = root / final_model_stage(cfg) / "hf"
+    sft = run_dir(cfg.runs_dir, cfg.run) / final_model_stage(cfg) / "hf"  # a local copy
     if not sft.exists():
         return "\n".join([*lines, "=" * 64])
     lines += ["", "Chat with the model (after `source .venv/bin/activate`):",

@@ -28,6 +28,12 @@ stage's work depends on, by content rather than by timestamps:
   to date, while a changed output re-runs them;
 - the package version, as a stand-in for the code.
 
+``runs_dir`` may also be an object-store URI (``s3://bucket/prefix``; platform/storage.py).
+The bucket then holds the run and the stage works in a local mirror of it: opening a stage
+pulls its input stages' manifests and outputs from the bucket, the cache check reads the
+stage's manifest and output sizes from the bucket, ``invalidate`` deletes the manifest there
+first, and ``finish`` uploads the outputs and then the manifest, last, as the commit marker.
+
 The key is taken once per ``Stage``, on first use: the pipeline takes it when it opens a
 stage, before the work, so the manifest records what the work started from even when a read
 file is edited while the stage runs (the next run then sees the edit).  ``is_current`` logs
@@ -45,7 +51,13 @@ from pathlib import Path
 from typing import Any
 
 from steelworks import __version__
-from steelworks.platform.atomic import atomic_write_json, sha256_file, sha256_json
+from steelworks.platform.atomic import (
+    atomic_write_json,
+    atomic_write_text,
+    sha256_file,
+    sha256_json,
+)
+from steelworks.platform.storage import Remote, is_uri, join, mirror_root
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -65,12 +77,73 @@ def redact_secrets(obj: Any) -> Any:
     return obj
 
 
+def stage_path(location: str | Path) -> Path:
+    """A file or directory inside a finished stage (``<run>/sft/hf``), given as a path, or as
+    a URI when the run is in a bucket (``storage.uri_of``): then its stage is fetched into
+    this node's mirror first. For Ray actors that may run on any node (eval replicas, the
+    DPO reference scorers)."""
+    if not is_uri(str(location)):
+        return Path(location)
+    uri, rel = str(location).rstrip("/"), []
+    for _ in range(4):  # up from the location to the stage directory, which has a manifest
+        remote = Remote(uri)
+        if remote.exists(MANIFEST):
+            local = mirror_root(uri)
+            pull_stage(remote, local)
+            return local.joinpath(*reversed(rel))
+        uri, name = uri.rsplit("/", 1)
+        rel.append(name)
+    raise StageInputError(f"{location} is not inside a finished stage (no {MANIFEST} above it)")
+
+
 class StageInputError(RuntimeError):
     """A stage's input stage has not completed (no manifest)."""
 
 
 def run_dir(runs_dir: str | Path, run: str) -> Path:
+    """The run's local directory: ``runs_dir/run``, or for a URI its local mirror."""
+    if is_uri(runs_dir):
+        return mirror_root(join(str(runs_dir), run))
     return Path(runs_dir) / run
+
+
+def pull_stage(remote: Remote, local_dir: Path) -> dict[str, Any]:
+    """Bring a finished stage from the bucket into its local mirror: every output whose local
+    copy is missing or differs from the manifest, then the manifest, last (a local directory
+    with a manifest is complete here too, as everywhere). A local manifest equal to the
+    bucket's says the mirror was completed against it: then sizes are checked, not hashes
+    (shards run to terabytes). Every fetched file's sha256 is checked."""
+    try:
+        raw = remote.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        (local_dir / MANIFEST).unlink(missing_ok=True)
+        raise StageInputError(f"{remote.uri}/{MANIFEST} does not exist: stage "
+                              f"{local_dir.name!r} has not completed; run it first") from None
+    manifest = json.loads(raw)
+    outputs = manifest.get("outputs", {})
+    local_manifest = local_dir / MANIFEST
+    same = local_manifest.is_file() and local_manifest.read_bytes() == raw
+
+    def stale(rel: str, meta: dict[str, Any]) -> bool:
+        f = local_dir / rel
+        if not f.is_file() or f.stat().st_size != meta["bytes"]:
+            return True
+        return not same and sha256_file(f) != meta["sha256"]
+
+    fetch = {rel: meta["bytes"] for rel, meta in outputs.items() if stale(rel, meta)}
+    if not fetch and same:
+        return manifest
+    local_manifest.unlink(missing_ok=True)  # incomplete until the fetches are done
+    # Each fetch replaces its file atomically: another process of this node (a second rank)
+    # reading the same mirror sees the old file or the new one.
+    for rel in fetch:
+        remote.download(rel, local_dir / rel)
+        if sha256_file(local_dir / rel) != outputs[rel]["sha256"]:
+            raise RuntimeError(f"{remote.uri}/{rel} does not match the sha256 in its manifest: "
+                               "the bucket was changed outside steelworks; re-run the stage")
+    local_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(local_manifest, raw.decode("utf-8"))
+    return manifest
 
 
 def read_manifest(stage_dir: str | Path) -> dict[str, Any]:
@@ -143,6 +216,9 @@ class Stage:
     reads: list[Path] = field(default_factory=list)  # small files/dirs, keyed by content
     raw_inputs: list[Path] = field(default_factory=list)  # corpus files, keyed by size + mtime
     started_at: float = field(default_factory=time.time)
+    # runs_dir is a URI: this stage's directory in the bucket, and its input stages'.
+    remote: Remote | None = None
+    input_remotes: dict[str, Remote] = field(default_factory=dict)
     _key: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -156,13 +232,28 @@ class Stage:
     ) -> Stage:
         """``inputs``: the stages it reads; ``reads``: other files or directories it reads,
         small enough to hash; ``raw_inputs``: corpus files, too big to hash (module docstring)."""
-        root = run_dir(Path(runs_dir).resolve(), run)  # workers run elsewhere: absolute paths
+        inputs = list(inputs)
+        remote = is_uri(runs_dir)
+        # workers run elsewhere: absolute paths
+        root = run_dir(runs_dir if remote else Path(runs_dir).resolve(), run)
         stage = cls(root / name, name, config, {i: root / i for i in inputs},
                     [Path(p) for p in reads], [Path(p) for p in raw_inputs])
+        if remote:
+            run_uri = join(str(runs_dir), run)
+            stage.remote = Remote(join(run_uri, name))
+            stage.input_remotes = {i: Remote(join(run_uri, i)) for i in inputs}
         stage.dir.mkdir(parents=True, exist_ok=True)
         return stage
 
+    @property
+    def location(self) -> str:
+        """Where the stage lives, for messages: its URI, or its directory."""
+        return self.remote.uri if self.remote is not None else str(self.dir)
+
     def input_manifest(self, name: str) -> dict[str, Any]:
+        """An input stage's manifest; in a bucket, its outputs are fetched into the mirror."""
+        if name in self.input_remotes:
+            return pull_stage(self.input_remotes[name], self.inputs[name])
         return read_manifest(self.inputs[name])
 
     def _key_parts(self) -> dict[str, Any]:
@@ -170,8 +261,11 @@ class Stage:
         if self._key is None:
             inputs = {}
             for name, d in self.inputs.items():
-                # read_manifest raises a clear error if the input stage has not completed.
-                inputs[name] = {"manifest": str(d / MANIFEST), "content_sha256": content_sha256(read_manifest(d))}
+                # input_manifest raises a clear error if the input stage has not completed.
+                where = f"{self.input_remotes[name].uri}/{MANIFEST}" if name in self.input_remotes \
+                    else str(d / MANIFEST)
+                inputs[name] = {"manifest": where,
+                                "content_sha256": content_sha256(self.input_manifest(name))}
             self._key = {"inputs": inputs, "reads": content_hashes(self.reads),
                          "raw_inputs": stat_key(self.raw_inputs), "version": __version__}
         return self._key
@@ -193,6 +287,8 @@ class Stage:
         """True when a finished manifest matches this config, reads and inputs, and the outputs
         are intact. Takes the key (first), also when there is no manifest to compare it with."""
         fingerprint = self.fingerprint
+        if self.remote is not None:
+            return self._is_current_remote(fingerprint)
         path = self.dir / MANIFEST
         if not path.exists():
             return False
@@ -209,6 +305,26 @@ class Stage:
             if not f.exists() or f.stat().st_size != meta["bytes"]:
                 log.info("stage %s: output %s missing or changed; re-running", self.name, rel)
                 return False
+        return True
+
+    def _is_current_remote(self, fingerprint: str) -> bool:
+        """``is_current`` against the bucket (the truth); a current stage's outputs are then
+        pulled into the local mirror for the stages after it."""
+        try:
+            manifest = self.remote.read_json(MANIFEST)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        if manifest.get("fingerprint") != fingerprint:
+            log.info("stage %s: %s changed since its last run; re-running", self.name,
+                     ", ".join(self._changed(manifest)) or "the cache key format")
+            return False
+        sizes = self.remote.listing()
+        for rel, meta in manifest.get("outputs", {}).items():
+            if sizes.get(rel) != meta["bytes"]:
+                log.info("stage %s: output %s/%s missing or changed; re-running", self.name,
+                         self.remote.uri, rel)
+                return False
+        pull_stage(self.remote, self.dir)
         return True
 
     def _changed(self, manifest: dict[str, Any]) -> list[str]:
@@ -235,15 +351,19 @@ class Stage:
 
     def invalidate(self) -> None:
         """Remove the manifest first, so a crash during re-run never looks finished."""
+        if self.remote is not None:
+            self.remote.delete(MANIFEST)
         (self.dir / MANIFEST).unlink(missing_ok=True)
 
     def finish(
         self, outputs: list[str], metrics: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None, reports: Iterable[str] = (),
+        in_bucket: Iterable[str] = (),
     ) -> dict[str, Any]:
         """Hash the outputs and write the manifest (last, atomically). ``extra``: fields for
         the stages downstream (part of ``content_sha256``); ``reports``: those of ``outputs``
-        meant for people (histograms, logs), checked like the others but not part of it."""
+        meant for people (histograms, logs), checked like the others but not part of it;
+        ``in_bucket``: outputs just fetched from the run's bucket, not uploaded again."""
         reports = sorted(set(reports))
         if unknown := set(reports) - set(outputs):
             raise ValueError(f"stage {self.name}: reports {sorted(unknown)} are not among its outputs")
@@ -274,6 +394,9 @@ class Stage:
             **(extra or {}),
         }
         atomic_write_json(self.dir / MANIFEST, manifest)
+        if self.remote is not None:  # the outputs, then the manifest: the commit marker
+            skip = set(in_bucket)
+            self.remote.push(self.dir, [*(f for f in files if f not in skip), MANIFEST], last=MANIFEST)
         return manifest
 
 

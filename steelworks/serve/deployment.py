@@ -23,9 +23,12 @@ from steelworks.serve.config import ServeConfig
 @serve.ingress()
 class SteelworksServer:
     def __init__(self, model_dir: str, config: ServeConfig) -> None:
+        from steelworks.platform.rundir import stage_path
         from steelworks.serve.loader import load_engine
 
         device = "cuda" if config.num_gpus > 0 else "cpu"
+        # A URI when the run is in a bucket: a replica on another node fetches the model.
+        model_dir = str(stage_path(model_dir))
         self.engine = load_engine(model_dir, config, device)  # serve.engine: auto | vllm | builtin
         self.config = config
 
@@ -72,8 +75,10 @@ def deploy(model_dir: str | Path, config: ServeConfig, name: str = "steelworks")
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
     )
-    serve.run(server.bind(str(model_dir), config), name=name, route_prefix=config.route_prefix,
-              blocking=False)
+    from steelworks.platform.storage import uri_of
+
+    serve.run(server.bind(uri_of(model_dir) or str(model_dir), config), name=name,
+              route_prefix=config.route_prefix, blocking=False)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     return f"http://{host}:{config.port}{config.route_prefix.rstrip('/')}"
 

@@ -11,6 +11,13 @@ Atomicity: a checkpoint is written to ``step_NNNNNNNN.tmp/`` and renamed to
 leaves the previous checkpoint as the latest complete one. ``AsyncCheckpointer`` writes in
 the background while training continues, with the same rename marking completion. Only directories without
 ``.tmp`` count. HF export writes a standard ``save_pretrained`` directory the same way.
+
+With the run in a bucket (``runs_dir: s3://...``, ``remote``), the checkpoint is also written
+to ``<stage>/checkpoints/step_NNNNNNNN/`` there: each rank uploads the files it wrote (its DCP
+shard, its RNG state; rank 0 DCP's ``.metadata``), and after every rank has, rank 0 uploads
+``meta.json``, last: a checkpoint in the bucket is complete when its ``meta.json`` exists
+(platform/storage.py says why that is atomic). Resuming reads the bucket, so a run picks up
+on any node, with or without the local copy.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from steelworks.platform.atomic import atomic_write_json
+from steelworks.platform.storage import Remote
 
 
 def _dist() -> tuple[int, int]:
@@ -84,6 +92,40 @@ def run_lock(ckpt_dir: str | Path, timeout_s: float = 120.0) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _rank_files(tmp: Path, rank: int) -> list[Path]:
+    """The files of a checkpoint that ``rank`` wrote: its DCP shard(s) ``__<rank>_<i>.distcp``,
+    its RNG state, and on rank 0 DCP's ``.metadata``."""
+    return sorted(f for f in tmp.iterdir() if f.name.startswith(f"__{rank}_")
+                  or f.name == f"rng_rank{rank}.json" or (rank == 0 and f.name == ".metadata"))
+
+
+def _upload_rank_files(tmp: Path, remote: Remote, rank: int) -> None:
+    for f in _rank_files(tmp, rank):
+        remote.upload(f, f.name)
+
+
+def latest_remote_checkpoint(remote: Remote) -> str | None:
+    """The name of the newest complete checkpoint in the bucket (``meta.json`` present)."""
+    done = [d for d in remote.dirs() if d.startswith("step_") and remote.exists(f"{d}/meta.json")]
+    return max(done) if done else None
+
+
+def fetch_checkpoint(remote: Remote, name: str, ckpt_dir: str | Path) -> Path:
+    """Copy checkpoint ``name`` from the bucket to ``ckpt_dir/name`` (the files this node has
+    not got; ``meta.json`` last, so the local copy is complete when it is there too)."""
+    local = Path(ckpt_dir) / name
+    if not remote.child(name).mirror(local, "meta.json"):
+        raise FileNotFoundError(f"{remote.uri}/{name}/meta.json does not exist: not a complete checkpoint")
+    return local
+
+
+def prune_remote(remote: Remote, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints in the bucket."""
+    steps = sorted(d for d in remote.dirs() if d.startswith("step_"))
+    for old in steps[:-keep_last]:
+        remote.delete(old)
+
+
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     ckpt_dir = Path(ckpt_dir)
     done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
@@ -109,43 +151,64 @@ def _state(model, optimizer) -> tuple[dict[str, Any], StateDictOptions]:
     return {"model": model_sd, "optim": optim_sd}, options
 
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict[str, Any],
-                    keep_last: int | None, before_commit: Callable[[], None] | None = None,
-                    after_commit: Callable[[], None] | None = None) -> Path:
-    """Write ``step_NNNNNNNN/`` atomically; prune to the newest ``keep_last`` (None: the caller
-    prunes, e.g. Ray Train's ``CheckpointConfig.num_to_keep``). ``before_commit`` runs after
-    the data is written and before the rename (tests inject a crash there)."""
-    rank, world = _dist()
-    ckpt_dir = Path(ckpt_dir)
-    final = ckpt_dir / f"step_{step:08d}"
+def _prepare(ckpt_dir: Path, step: int, rank: int, remote: Remote | None) -> Path:
+    """Rank 0 empties ``step_N.tmp/`` (and step_N/ in the bucket: a crashed save may have left
+    shards of another world size there); then every rank may write. -> the tmp directory."""
     tmp = ckpt_dir / f"step_{step:08d}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        if remote is not None:
+            remote.delete(f"step_{step:08d}")
     _barrier()
+    tmp.mkdir(parents=True, exist_ok=True)  # ranks on other nodes have their own disk
+    return tmp
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict[str, Any],
+                    keep_last: int | None, before_commit: Callable[[], None] | None = None,
+                    after_commit: Callable[[], None] | None = None, remote: Remote | None = None) -> Path:
+    """Write ``step_NNNNNNNN/`` atomically; prune to the newest ``keep_last`` (None: the caller
+    prunes, e.g. Ray Train's ``CheckpointConfig.num_to_keep``). ``before_commit`` runs after
+    the data is written and before the rename (tests inject a crash there). ``remote``: the
+    checkpoints directory in the run's bucket, written too (module docstring)."""
+    rank, world = _dist()
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / f"step_{step:08d}"
+    tmp = _prepare(ckpt_dir, step, rank, remote)
     dcp.save(_state(model, optimizer)[0], checkpoint_id=str(tmp))
     atomic_write_json(tmp / f"rng_rank{rank}.json", rng_state())
+    if remote is not None:
+        _upload_rank_files(tmp, remote.child(final.name), rank)
     if before_commit is not None:
         before_commit()
     _barrier()
     if rank == 0:
-        _commit(ckpt_dir, step, tmp, {"step": step, "world_size": world, **extra}, keep_last)
+        _commit(ckpt_dir, step, tmp, {"step": step, "world_size": world, **extra}, keep_last, remote)
     if after_commit is not None:
         after_commit()
     _barrier()
     return final
 
 
-def _commit(ckpt_dir: Path, step: int, tmp: Path, meta: dict[str, Any], keep_last: int | None) -> Path:
+def _commit(ckpt_dir: Path, step: int, tmp: Path, meta: dict[str, Any], keep_last: int | None,
+            remote: Remote | None = None) -> Path:
     """Rank 0, after every rank finished writing ``tmp``: meta.json, the rename that marks the
-    checkpoint complete, and pruning to the newest ``keep_last``."""
+    checkpoint complete (in the bucket: meta.json uploaded last), and pruning to the newest
+    ``keep_last``. Under Ray Train (``keep_last`` None) Ray prunes what was reported, in the
+    bucket too; the local copies are then only a cache, of which the newest is kept."""
     final = ckpt_dir / f"step_{step:08d}"
     atomic_write_json(tmp / "meta.json", meta)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    if keep_last:
-        for old in sorted(p for p in ckpt_dir.glob("step_*") if not p.name.endswith(".tmp"))[:-keep_last]:
+    if remote is not None:
+        remote.child(final.name).upload(final / "meta.json", "meta.json")
+        if keep_last:
+            prune_remote(remote, keep_last)
+    keep_local = keep_last or (1 if remote is not None else None)
+    if keep_local:
+        for old in sorted(p for p in ckpt_dir.glob("step_*") if not p.name.endswith(".tmp"))[:-keep_local]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -164,8 +227,10 @@ class AsyncCheckpointer:
     The background thread's collectives run on a process group of their own (gloo: DCP's
     async save needs a CPU backend), never on the training group the main thread uses."""
 
-    def __init__(self, ckpt_dir: str | Path, keep_last: int | None, device: torch.device) -> None:
+    def __init__(self, ckpt_dir: str | Path, keep_last: int | None, device: torch.device,
+                 remote: Remote | None = None) -> None:
         self.ckpt_dir, self.keep_last, self.device = Path(ckpt_dir), keep_last, device
+        self.remote = remote  # the bucket's copy is uploaded when a save is committed
         self.group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
         self._pending: dict[str, Any] | None = None
 
@@ -179,11 +244,7 @@ class AsyncCheckpointer:
         rename when it is committed."""
         committed = self.wait()
         rank, world = _dist()
-        tmp = self.ckpt_dir / f"step_{step:08d}.tmp"
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
+        tmp = _prepare(self.ckpt_dir, step, rank, self.remote)
         future = dcp.async_save(_state(model, optimizer)[0], checkpoint_id=str(tmp),
                                 process_group=self.group)
         atomic_write_json(tmp / f"rng_rank{rank}.json", rng_state())
@@ -211,13 +272,15 @@ class AsyncCheckpointer:
     def _finish(self) -> Path:
         p, self._pending = self._pending, None
         p["future"].result()  # a failed write raises here, and the checkpoint stays .tmp
+        rank, _ = _dist()
+        final = self.ckpt_dir / f"step_{p['step']:08d}"
+        if self.remote is not None:
+            _upload_rank_files(p["tmp"], self.remote.child(final.name), rank)
         if p["before_commit"] is not None:
             p["before_commit"]()
         _barrier()
-        rank, _ = _dist()
-        final = self.ckpt_dir / f"step_{p['step']:08d}"
         if rank == 0:
-            _commit(self.ckpt_dir, p["step"], p["tmp"], p["meta"], self.keep_last)
+            _commit(self.ckpt_dir, p["step"], p["tmp"], p["meta"], self.keep_last, self.remote)
         if p["after_commit"] is not None:
             p["after_commit"]()
         _barrier()

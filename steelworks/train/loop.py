@@ -36,7 +36,9 @@ from steelworks.platform.config import ConfigError, from_dict
 from steelworks.train.checkpoint import (
     AsyncCheckpointer,
     export_hf,
+    fetch_checkpoint,
     latest_checkpoint,
+    latest_remote_checkpoint,
     load_checkpoint,
     run_lock,
     save_checkpoint,
@@ -45,6 +47,13 @@ from steelworks.train.config import DpoConfig, TrainConfig
 from steelworks.train.data import Batch, PackedLoader
 from steelworks.train.metrics import MetricsLog, flops_per_token, peak_flops, truncate_log
 from steelworks.train.parallelize import device_mesh, materialize, parallelize
+from steelworks.train.remote import (
+    checkpoints_remote,
+    fetch_inputs,
+    ray_checkpoint,
+    upload_metrics,
+    upload_outputs,
+)
 from steelworks.train.schedule import Schedule
 
 log = logging.getLogger("steelworks.train")
@@ -138,15 +147,19 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 def _resume_point(ckpt_dir: Path, job: dict[str, Any]) -> tuple[Path | None, Path | None]:
     """(the newest complete checkpoint, the one Ray Train last had reported): Ray's (what a
-    restart after a worker failure is handed) or a newer complete one on disk, whichever is
-    later."""
-    found = latest_checkpoint(ckpt_dir)
+    restart after a worker failure is handed) or a newer complete one on disk (in the bucket,
+    when the run is in one), whichever is later. Both as paths in ``ckpt_dir``."""
+    remote = checkpoints_remote(job)
+    if remote is None:
+        found = latest_checkpoint(ckpt_dir)
+    else:
+        found = ckpt_dir / name if (name := latest_remote_checkpoint(remote)) else None
     reported = None
     if job.get("ray"):
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        reported = Path(ckpt.path) if ckpt is not None else None
+        reported = ckpt_dir / Path(ckpt.path).name if ckpt is not None else None
         if reported is not None and (found is None or reported.name > found.name):
             found = reported
     return found, reported
@@ -174,7 +187,10 @@ def agree_resume_point(ckpt_dir: Path, job: dict[str, Any], rank: int,
                   bool(job.get("ray")) and path is not None and path != reported]
     if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
-    return (Path(chosen[0]) if chosen[0] is not None else None), bool(chosen[1])
+    path = Path(chosen[0]) if chosen[0] is not None else None
+    if path is not None and (remote := checkpoints_remote(job)) is not None:
+        fetch_checkpoint(remote, path.name, ckpt_dir)  # every rank, onto its own node
+    return path, bool(chosen[1])
 
 
 def train_loop(job: dict[str, Any]) -> dict[str, Any]:
@@ -268,13 +284,17 @@ def _save(job: dict[str, Any], step: int, rank: int, model, optimizer, extra: di
     hooks = {"before_commit": functools.partial(_fault, job, "save", step, rank),
              "after_commit": functools.partial(_fault, job, "committed", step, rank)}
     if checkpointer is None:
-        return [save_checkpoint(ckpt_dir, step, model, optimizer, extra, keep_last=keep_last, **hooks)]
-    saved = []
-    inflight = functools.partial(_fault, job, "save_inflight", step, rank)
-    if (done := checkpointer.save(step, model, optimizer, extra, after_launch=inflight, **hooks)):
-        saved.append(done)
-    if last_step and (done := checkpointer.wait()) is not None:
-        saved.append(done)
+        saved = [save_checkpoint(ckpt_dir, step, model, optimizer, extra, keep_last=keep_last,
+                                 remote=checkpoints_remote(job), **hooks)]
+    else:
+        saved = []
+        inflight = functools.partial(_fault, job, "save_inflight", step, rank)
+        if (done := checkpointer.save(step, model, optimizer, extra, after_launch=inflight, **hooks)):
+            saved.append(done)
+        if last_step and (done := checkpointer.wait()) is not None:
+            saved.append(done)
+    if saved and rank == 0:
+        upload_metrics(job)  # beside the checkpoint in the bucket, when the run is there
     return saved
 
 
@@ -382,6 +402,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world, device = _init_distributed(cfg.use_gpu)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    fetch_inputs(job, rank)  # a run in a bucket: what this node reads, into its mirror
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     # Before seeding: on CPU the first call in a process measures with random matrices, which
     # would shift the random stream training draws from (LoRA dropout) by the process's past.
@@ -423,7 +444,8 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
     # Under Ray Train, CheckpointConfig(num_to_keep) prunes what was reported.
     keep_last = None if job.get("ray") else cfg.keep_last
     use_async = cfg.async_checkpoint if cfg.async_checkpoint is not None else device.type == "cuda"
-    checkpointer = AsyncCheckpointer(ckpt_dir, keep_last, device) if use_async else None
+    checkpointer = AsyncCheckpointer(ckpt_dir, keep_last, device, checkpoints_remote(job)) \
+        if use_async else None
     window = _LogWindow(device, flops=fpt / peak)
     while step < total_steps:
         micro = loader.next_step()
@@ -470,6 +492,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
         from steelworks.platform.atomic import atomic_write_json
 
         atomic_write_json(out_dir / "summary.json", summary)
+        upload_outputs(job)  # a run in a bucket: hf/, adapter/ and the reports, for the driver
     return summary
 
 
@@ -496,9 +519,13 @@ def _reporter(job: dict[str, Any]):
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
+    remote = checkpoints_remote(job)
+
     def report(metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
-        ckpt = Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None and \
-            ray.train.get_context().get_world_rank() == 0 else None
+        ckpt = None
+        if checkpoint is not None and ray.train.get_context().get_world_rank() == 0:
+            ckpt = Checkpoint.from_directory(str(checkpoint)) if remote is None \
+                else ray_checkpoint(remote, checkpoint.name)
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ckpt,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 

@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from steelworks.platform.rundir import stage_path
+from steelworks.platform.storage import uri_of
+
 log = logging.getLogger(__name__)
 
 BLOCKS_PER_REPLICA = 4  # as evals/batch.py: a replica with short pairs takes another block
@@ -39,7 +42,8 @@ class ReferenceScorer:
         if threads:  # Ray sets OMP_NUM_THREADS from the actor's CPUs; torch must agree
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.model = from_hf(model_dir, self.device).eval()
+        # A URI when the run is in a bucket (the actor may be on another node): fetched here.
+        self.model = from_hf(stage_path(model_dir), self.device).eval()
         if quantize:
             # QLoRA: the policy starts as the 4-bit base, so the reference is that base too
             # (what TRL's DPOTrainer gets from a peft model with its adapters disabled).
@@ -103,7 +107,7 @@ def reference_logps(model_dir: str | Path, pairs: list[dict[str, Any]], pad_id: 
     ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / block))
     out = ds.map_batches(
         ReferenceScorer,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "pad_id": pad_id,
+        fn_constructor_kwargs={"model_dir": uri_of(model_dir) or str(model_dir), "pad_id": pad_id,
                                "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu",
                                "threads": 1 if not use_gpu else None, "quantize": quantize},
         batch_size=block,
