@@ -68,7 +68,8 @@ test: $(VENV)/.dev browser
 	$(BIN)/python -m pytest -q -m "not faults" --durations=15
 
 # Slow on purpose: each test kills something (a Ray Data worker, a train worker, the driver,
-# a Serve replica, a training process mid-step or mid-save) and checks what survives.
+# a Serve replica, a training process mid-step or mid-save) and checks what survives, or puts
+# a run's checkpoints through every config change (tests/test_pipeline.py).
 test-faults: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -m faults
 

@@ -308,7 +308,7 @@ def test_the_stage_computes_the_pairs_once_and_rebuilds_them_when_their_key_chan
         return np.zeros(len(pairs)), np.zeros(len(pairs))
 
     monkeypatch.setattr(reference, "reference_logps", fake)
-    stage = SimpleNamespace(dir=tmp_path / "dpo", input_hashes={"sft": "abc"})
+    stage = SimpleNamespace(dir=tmp_path / "dpo", input_hashes={"sft": "abc"}, remote=None)
     files = [str(dpo_data["root"] / "train.jsonl")]
     cfg = from_dict(DpoConfig, {"max_length": 64})
     tok = str(dpo_data["tokenizer"])

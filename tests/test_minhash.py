@@ -213,7 +213,10 @@ def test_minhash_dedup_on_ray_matches_reference(ray_local) -> None:
     by_key = {(r["path"], r["line"]): r for r in rows}
 
     timings = []
-    for partitions, blocks, seed in [(2, 4, None), (3, 7, 5)]:  # order/parallelism vary
+    # Shuffled rows over 3 partitions and 7 blocks: the result must not depend on order or
+    # parallelism, so it is compared with the single-process reference (one configuration:
+    # each Ray Data run costs ~20 s of this suite's 15-minute budget).
+    for partitions, blocks, seed in [(3, 7, 5)]:
         shuffled = list(rows)
         if seed is not None:
             random.Random(seed).shuffle(shuffled)

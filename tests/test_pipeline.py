@@ -216,6 +216,9 @@ def test_rerun_on_a_new_node_skips_and_config_change_reruns_downstream(run, capl
     assert bucket(run).read_json("sft/manifest.json") == extended["sft"]
 
 
+# Two more Ray Train runs (~80 s): in `make test-faults` with the other checkpoint-survival
+# tests (`make test` runs this module's other tests; CI runs both targets).
+@pytest.mark.faults
 def test_train_checkpoints_survive_every_change(run, caplog):
     """Refuse, never delete (train/resume.py): speed settings, shortening and a changed
     learning rate all leave the checkpoints; the first resumes, the others fail naming the
