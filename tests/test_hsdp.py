@@ -54,3 +54,17 @@ def test_a_mesh_that_does_not_fit_the_workers_is_an_error():
     assert load(PipelineConfig, None, ["sft.parallel.replicate=2"]).sft.parallel.mesh_shape(8) == (2, 4)
     with pytest.raises(ConfigError, match="parallel.replicate must be an integer >= 1"):
         load(PipelineConfig, None, ["pretrain.parallel.replicate=0"])
+
+
+def test_replicate_auto_makes_one_group_per_node():
+    """``replicate: auto``: the node count from LOCAL_WORLD_SIZE (ranks per node), each node's
+    ranks one shard group; a world that does not split into whole nodes is an error."""
+    par = load(PipelineConfig, None, ["pretrain.parallel.replicate=auto"]).pretrain.parallel
+    assert par.replicate == "auto"
+    assert par.mesh_shape(16, local_world=8) == (2, 8)  # 2 nodes of 8 GPUs
+    assert par.mesh_shape(4, local_world=4) == (1, 4)  # one node: flat FSDP
+    assert par.mesh_shape(1) == (1, 1)
+    with pytest.raises(ValueError, match="12 ranks do not split into nodes of 8"):
+        par.mesh_shape(12, local_world=8)
+    with pytest.raises(ConfigError, match="replicate"):
+        load(PipelineConfig, None, ["pretrain.parallel.replicate=nodes"])

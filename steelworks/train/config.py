@@ -97,25 +97,39 @@ class ParallelConfig:
     model sharded over its ``shard`` ranks, and gradients are reduce-scattered within a group,
     then all-reduced across groups. Put one group on one node (``shard`` = its GPUs): the
     sharding traffic then stays on the node's fast links, and only the gradient all-reduce
-    crosses nodes. The maths is FSDP's: a run may change its mesh and resume."""
+    crosses nodes. The maths is FSDP's: a run may change its mesh and resume.
 
-    replicate: int = 1
+    ``replicate: auto``: one group per node, each sharded over that node's ranks (the node
+    count is world / ranks per node, ``LOCAL_WORLD_SIZE`` as Ray Train and torchrun set it)."""
+
+    replicate: int | Literal["auto"] = 1
     shard: int | None = None  # None: num_workers / replicate
 
     def __post_init__(self) -> None:
         for name in ("replicate", "shard"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"parallel.{name} must be an integer >= 1, got {v!r}")
+            if v is None or (name == "replicate" and v == "auto"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"parallel.{name} must be an integer >= 1"
+                                 f"{' or auto' if name == 'replicate' else ''}, got {v!r}")
 
-    def mesh_shape(self, world: int) -> tuple[int, int]:
-        """(replicate, shard) for ``world`` ranks; an error naming both when they do not fit."""
-        shard = self.shard if self.shard is not None else world // self.replicate
-        if self.replicate * shard != world:
+    def mesh_shape(self, world: int, local_world: int | None = None) -> tuple[int, int]:
+        """(replicate, shard) for ``world`` ranks, ``local_world`` of them per node (for
+        ``auto``); an error naming both when they do not fit."""
+        replicate = self.replicate
+        if replicate == "auto":
+            per_node = local_world or world
+            if world % per_node:
+                raise ValueError(f"parallel.replicate=auto: {world} ranks do not split into nodes "
+                                 f"of {per_node} (LOCAL_WORLD_SIZE); set replicate and shard")
+            replicate = world // per_node
+        shard = self.shard if self.shard is not None else world // replicate
+        if replicate * shard != world:
             raise ValueError(f"parallel.replicate={self.replicate} x parallel.shard={shard} = "
-                             f"{self.replicate * shard} ranks, but the run has {world} "
+                             f"{replicate * shard} ranks, but the run has {world} "
                              "(num_workers): they must be equal")
-        return self.replicate, shard
+        return replicate, shard
 
 
 @dataclass

@@ -253,7 +253,7 @@ def _build_model(job: dict[str, Any], cfg: TrainConfig, device: torch.device, bf
                  100 * n_trainable / max(n_params, 1),
                  "" if cfg.lora is None else ", QLoRA (4-bit base)" if cfg.lora.quantize else ", LoRA")
     world = dist.get_world_size() if dist.is_initialized() else 1
-    replicate, shard = cfg.parallel.mesh_shape(world)
+    replicate, shard = cfg.parallel.mesh_shape(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if replicate > 1 and (not dist.is_initialized() or dist.get_rank() == 0):
         log.info("HSDP: %d replica group(s) of %d shard rank(s)", replicate, shard)
     model = parallelize(model, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
