@@ -15,6 +15,7 @@ float rounding across batch shapes) and the implied rewards start at zero.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from steelworks.platform.rundir import stage_path
-from steelworks.platform.storage import uri_of
+from steelworks.platform.storage import Remote, uri_of
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +148,58 @@ def write_pairs(directory: str | Path, pairs: list[dict[str, Any]], ref_chosen: 
     with atomic_open(path, "wb") as f:
         pq.write_table(table, f)
     return path
+
+
+def build_pairs(out: Path, remote: Remote | None, dcfg: Any, files: list[str], reference: str,
+                tokenizer_dir: str, input_hashes: dict[str, str]) -> dict[str, Any]:
+    """Tokenize the preference pairs and compute the reference model's log-probs of them
+    (``reference_logps``) into ``out`` (the dpo stage's ``pairs/``), once: a resumed or re-run
+    stage reuses them while their key (files, tokenizer, max_length, the reference model and
+    its stage's content, ``input_hashes``) is unchanged. The key is written last, so a crash
+    in between leaves pairs that the next run rebuilds, never half-made ones that it trusts.
+    ``remote``: the run is in a bucket; the pairs are mirrored from and uploaded to it there,
+    ``key.json`` last. -> the counts (pairs, quarantined)."""
+    from steelworks.data.preference import read_preferences
+    from steelworks.data.tokenizer import load_tokenizer
+    from steelworks.platform.atomic import (
+        atomic_write_json,
+        atomic_write_text,
+        sha256_file,
+        sha256_json,
+    )
+    from steelworks.platform.rundir import list_outputs, stat_key
+
+    quantize = dcfg.lora is not None and dcfg.lora.quantize == "4bit"  # QLoRA: a 4-bit reference
+    key = {"files": stat_key(files), "max_length": dcfg.max_length, "reference": reference,
+           "quantized": quantize, "inputs": input_hashes,
+           "tokenizer": sha256_file(Path(tokenizer_dir) / "tokenizer.json")}
+    key_file = out / "key.json"
+    if remote is not None and not remote.mirror(out, "key.json"):
+        key_file.unlink(missing_ok=True)  # the bucket has none: this node's copy is not the run's
+    if key_file.exists() and json.loads(key_file.read_text()).get("sha256") == sha256_json(key) \
+            and (out / "pairs.parquet").exists():
+        counts = json.loads((out / "counts.json").read_text())
+        log.info("dpo: reusing %d tokenized pairs with reference log-probs in %s", counts["pairs"], out)
+        return counts
+    key_file.unlink(missing_ok=True)
+    tok = load_tokenizer(tokenizer_dir)
+    pairs, quarantined, counts = read_preferences(files, tok, dcfg.max_length)
+    atomic_write_text(out / "quarantine.jsonl",
+                      "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantined))
+    log.info("dpo: %s (quarantined records with their reasons: %s)", counts, out / "quarantine.jsonl")
+    if not pairs:
+        first = quarantined[0]["error"] if quarantined else "the files are empty"
+        raise ValueError(f"dpo: no usable preference pair in {', '.join(files)}; first problem: {first}")
+    log.info("dpo: reference log-probs of %d pairs from %s on %d Ray Data replica(s)", len(pairs),
+             reference, dcfg.reference_replicas)
+    chosen, rejected = reference_logps(reference, pairs, tok.pad_token_id,
+                                       replicas=dcfg.reference_replicas,
+                                       batch_size=dcfg.reference_batch_size, use_gpu=dcfg.use_gpu,
+                                       quantize=quantize)
+    write_pairs(out, pairs, chosen, rejected)
+    atomic_write_json(out / "counts.json", counts)
+    atomic_write_json(key_file, {"sha256": sha256_json(key), **key})
+    if remote is not None:  # the key last: pairs in the bucket are trusted only with it
+        remote.delete("key.json")
+        remote.push(out, [*list_outputs(out), "key.json"], last="key.json")
+    return counts
