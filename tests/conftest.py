@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,11 +37,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def s3_port() -> int:
+    """A free port outside the kernel's ephemeral range (and Ray's worker ports, 10002-19999).
+
+    The port is chosen at import but moto binds it only when the first S3 test runs: an
+    ephemeral port may be handed to one of Ray's processes in between, as happened in CI."""
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else (32768, 60999)
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, min(low, 32768))
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError("no free port between 20000 and the ephemeral range")
+
+
 # The object-storage tests' S3 endpoint: moto's server on loopback, started by the `s3`
 # fixture. The variables are set here, before anything starts Ray, so Ray's workers inherit
 # them the way a real cluster's nodes get theirs (instance roles, the environment). Always
 # set, never a developer's own: no test may reach a real bucket.
-S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+S3_ENDPOINT = f"http://127.0.0.1:{s3_port()}"
 os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="steelworks-test",
                   AWS_SECRET_ACCESS_KEY="steelworks-test", AWS_DEFAULT_REGION="us-east-1")
 for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
@@ -271,23 +291,39 @@ def make_engine(model_and_tokenizer):
         e.shutdown()
 
 
+def start_moto_server(port: int) -> subprocess.Popen:
+    """moto's S3 server on 127.0.0.1:``port``, once it answers S3 requests.
+
+    Ready means moto itself answered ListBuckets, not that something accepts connections on
+    the port: if another process holds it, moto exits and this raises naming the port."""
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    assert exe, "moto_server is missing: `make test` installs moto[server] with the dev extras"
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            # No proxy: a developer's http_proxy must not carry loopback requests away.
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                if b"ListAllMyBucketsResult" in r.read() and proc.poll() is None:
+                    return proc
+        except (OSError, urllib.error.URLError):
+            pass  # not listening yet, or someone else is
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-600:]
+            raise RuntimeError(f"moto_server did not come up on port {port} (exit code "
+                               f"{proc.poll()}; is the port taken?): {tail}")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback for the whole test run (started on first use, stopped at
     the end): the bucket ``runs_dir: s3://...`` tests write to."""
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    assert exe, "moto_server is missing: `make test` installs moto[server] with the dev extras"
-    port = int(S3_ENDPOINT.rsplit(":", 1)[1])
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert proc.poll() is None, f"moto_server exited with {proc.returncode}"
-        assert time.monotonic() < deadline, "moto_server did not start listening in 60 s"
-        time.sleep(0.2)
+    proc = start_moto_server(int(S3_ENDPOINT.rsplit(":", 1)[1]))
     yield S3_ENDPOINT
     proc.terminate()
     proc.wait(timeout=30)

@@ -158,3 +158,23 @@ def test_ray_restart_after_a_killed_worker_resumes_from_the_bucket(demo_data, s3
     # Ray kept the newest keep_last=2 reported checkpoints, in the bucket
     assert remote.dirs() == ["step_00000008", "step_00000012"]
     assert remote.exists("step_00000012/__1_0.distcp") and remote.exists("checkpoint_manager_snapshot.json")
+
+
+def test_s3_server_on_a_taken_port_is_an_error_not_a_foreign_endpoint():
+    """CI once got a port for moto that another process (Ray's) had taken by the time moto
+    started: the readiness check connected to that process, and every S3 test then timed out
+    in HeadBucket. Starting on a taken port must fail at once and say so."""
+    import socket
+    import time
+
+    from conftest import free_port, start_moto_server
+
+    port = free_port()
+    with socket.socket() as squatter:  # listens, never answers HTTP: like Ray's gRPC ports
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=f"port {port}"):
+            proc = start_moto_server(port)
+            proc.terminate()
+        assert time.monotonic() - t0 < 30
