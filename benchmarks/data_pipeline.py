@@ -151,7 +151,7 @@ def sw_runs_dir(work: Path, cpus: int, recipe: str = "steel_text") -> Path:
 
 
 def run_steelworks(work: Path, cpus: int, tok_dir: Path, recipe: str = "steel_text") -> dict:
-    from steelworks.platform.config import load
+    from steelworks.core.config import load
     from steelworks.platform.pipeline import run_data, run_tokenizer
     from steelworks.platform.ray_cluster import connect
     from steelworks.platform.settings import PipelineConfig

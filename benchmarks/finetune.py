@@ -223,7 +223,7 @@ def worker_idle(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any
 
 
 def worker_sft(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
-    from steelworks.platform.config import from_dict, to_dict
+    from steelworks.core.config import from_dict, to_dict
     from steelworks.train.config import TrainConfig
     from steelworks.train.driver import run_training
 
@@ -295,8 +295,8 @@ def pair_schedule(args: argparse.Namespace, pairs_dir: str, pad_id: int) -> tupl
 
 
 def worker_dpo_steelworks(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    from steelworks.core.config import from_dict, to_dict
     from steelworks.data.tokenizer import load_tokenizer
-    from steelworks.platform.config import from_dict, to_dict
     from steelworks.train.config import DpoConfig
     from steelworks.train.driver import run_training
 
@@ -530,8 +530,8 @@ def main() -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no GPU")
+    from steelworks.core.atomic import atomic_write_json
     from steelworks.data.tokenizer import load_tokenizer
-    from steelworks.platform.atomic import atomic_write_json
 
     WORK.mkdir(parents=True, exist_ok=True)
     tok_dir, corpus = build_tokenizer(args.vocab)

@@ -172,9 +172,9 @@ def measure(make: Callable, device: torch.device, reps: int) -> dict[str, float]
 def run_e2e(size: str, device: torch.device, steps: int, smoke: bool) -> list[dict[str, Any]]:
     import numpy as np
 
+    from steelworks.core.config import to_dict
     from steelworks.data.shards import ShardIndex, token_dtype, write_shard
     from steelworks.data.tokenizer import load_tokenizer, train_tokenizer
-    from steelworks.platform.config import to_dict
     from steelworks.train.config import ModelConfig, OptimConfig, TrainConfig
     from steelworks.train.driver import run_training
 
@@ -242,7 +242,7 @@ def main() -> None:
         for r in e2e:
             print(f"| {','.join(r['kernels']) or 'none'} | {r['tokens_per_s']:,.0f} | {r['mfu']:.3f} | "
                   f"{r['memory_gb']:.1f} | {r['loss']:.3f} |")
-    from steelworks.platform.atomic import atomic_write_json
+    from steelworks.core.atomic import atomic_write_json
 
     WORK.mkdir(parents=True, exist_ok=True)
     atomic_write_json(WORK / "results.json", {

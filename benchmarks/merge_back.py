@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output directory (default runs/<run>/merge-back)")
     args = p.parse_args(argv)
 
+    from steelworks.core.config import load
+    from steelworks.core.rundir import read_manifest
     from steelworks.evals.compare import compare, write_comparison
     from steelworks.evals.runner import evaluate_model_dir
-    from steelworks.platform.config import load
-    from steelworks.platform.rundir import read_manifest
     from steelworks.platform.settings import PipelineConfig
     from steelworks.train.merge import merge_dirs
 

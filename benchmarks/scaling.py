@@ -190,7 +190,7 @@ def connect_existing(address: str, n: int, cpus_per_node: int) -> dict[str, Any]
 # --- workloads ----------------------------------------------------------------------------
 
 def run_data_side(work: Path, runs: Path, seq_len: int) -> dict[str, Any]:
-    from steelworks.platform.config import load
+    from steelworks.core.config import load
     from steelworks.platform.pipeline import run_data, run_tokenizer
     from steelworks.platform.settings import PipelineConfig
 
@@ -218,7 +218,7 @@ def run_train_side(args: argparse.Namespace, n: int, data: dict[str, Any], out: 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from steelworks.platform.config import to_dict
+    from steelworks.core.config import to_dict
     from steelworks.train.config import ModelConfig, OptimConfig, TrainConfig
     from steelworks.train.loop import train_loop
 
@@ -403,7 +403,7 @@ def checkpoint_io(args: argparse.Namespace) -> str:
 def _checkpoint_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    from steelworks.platform.storage import Remote
+    from steelworks.core.storage import Remote
     from steelworks.train.checkpoint import fetch_checkpoint, load_checkpoint, save_checkpoint
     from steelworks.train.config import ModelConfig
     from steelworks.train.model import build_decoder

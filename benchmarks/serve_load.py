@@ -84,9 +84,9 @@ def prompts(model_dir: Path, n: int) -> list[str]:
 def _server_main(model_dir: str, engine: str, max_batch: int, port: int, threads: int) -> None:
     import uvicorn
 
+    from steelworks.inference.loader import load_engine
     from steelworks.serve.app import build_app
     from steelworks.serve.config import ServeConfig
-    from steelworks.serve.loader import load_engine
 
     os.setsid()  # its own process group: stopping the server also stops vLLM's processes
     torch.set_num_threads(threads)
@@ -214,7 +214,8 @@ def engine_only(model_dir: Path, pool: list[str], concurrency: list[int], per_cl
     on a machine whose cores they share."""
     import threading
 
-    from steelworks.serve.engine import Engine, SamplingParams
+    from steelworks.inference.engine import Engine
+    from steelworks.inference.sampling import SamplingParams
 
     engine = Engine.from_dir(model_dir, max_batch_size=max_batch, max_queue=1024)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -258,8 +259,8 @@ def baseline(model_dir: Path, pool: list[str], n: int, max_tokens: int) -> dict[
 
 def run_model(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Baseline, engine-only and every server at every concurrency, for one model."""
+    from steelworks.inference.loader import choose_engine
     from steelworks.serve.config import ServeConfig
-    from steelworks.serve.loader import choose_engine
 
     pool = prompts(model_dir, 256)
     base = baseline(model_dir, pool, args.baseline_requests, args.max_tokens)
@@ -349,7 +350,7 @@ def main() -> None:
     models = [args.model] if args.model else [build_model(size) for size in args.sizes]
     results = [run_model(m, args) for m in models]
     print_tables(results, args)
-    from steelworks.platform.atomic import atomic_write_json
+    from steelworks.core.atomic import atomic_write_json
 
     atomic_write_json(WORK / "results.json", {"command": shlex.join([sys.executable, *sys.argv]),
                                               "date": time.strftime("%Y-%m-%d"), "results": results})

@@ -123,7 +123,7 @@ def build_shards(data: dict[str, list[Msgs]], work: Path, seq_len: int) -> tuple
 
 def train(args: argparse.Namespace, tok_dir: Path, shard_dir: Path, mode: str, seed: int,
           out: Path) -> dict[str, Any]:
-    from steelworks.platform.config import from_dict, to_dict
+    from steelworks.core.config import from_dict, to_dict
     from steelworks.train.config import TrainConfig
     from steelworks.train.driver import run_training
 
@@ -231,7 +231,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / ".work" / "sft_loss_avg",
                    help="work directory; results.json is written there")
     args = p.parse_args()
-    from steelworks.platform.atomic import atomic_write_json
+    from steelworks.core.atomic import atomic_write_json
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -119,7 +119,7 @@ def attention(device: str) -> str:
 def run_steelworks(args: argparse.Namespace, size: str, tok_dir: Path, data_dir: Path,
                    init_dir: Path, ckpt_every: int = 0, async_ckpt: bool | None = None,
                    tag: str = "steelworks") -> dict[str, Any]:
-    from steelworks.platform.config import to_dict
+    from steelworks.core.config import to_dict
     from steelworks.train.driver import run_training
 
     cfg = train_config(args, size)
@@ -387,8 +387,8 @@ def main() -> None:
         ap.error("--device cuda but torch sees no GPU")
     from transformers import default_data_collator
 
+    from steelworks.core.atomic import atomic_write_json
     from steelworks.data.tokenizer import load_tokenizer
-    from steelworks.platform.atomic import atomic_write_json
     from steelworks.train.metrics import flops_per_token, peak_flops
     from steelworks.train.models import build_hf_config
 

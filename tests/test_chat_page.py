@@ -28,9 +28,9 @@ import pytest
 from conftest import uvicorn_in_thread
 from fastapi.testclient import TestClient
 
+from steelworks.inference.engine import Engine
 from steelworks.serve.app import build_app
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import Engine
 
 KEY = "sk-test"
 MAX_TOKENS = 24

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from steelworks.evals.benchmarks import (
+from steelworks.data.benchmarks import (
     CEVAL_HARD_SUBJECTS,
     BenchmarkFormatError,
     Subject,
@@ -25,13 +25,13 @@ from steelworks.evals.benchmarks import (
     load_ceval_layout,
     load_cmmlu_layout,
 )
-from steelworks.evals.report import aggregate, render_markdown
-from steelworks.evals.subjects import (
+from steelworks.data.subjects import (
     CATEGORIES,
     CEVAL_SUBJECTS,
     CMMLU_CHINA_SPECIFIC,
     CMMLU_SUBJECTS,
 )
+from steelworks.evals.report import aggregate, render_markdown
 
 HEADER = ["", "Question", "A", "B", "C", "D", "Answer"]
 CEVAL_HEADER = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
@@ -147,7 +147,7 @@ GOOD = ["0", "中国的首都是", "北京", "上海", "广州", "深圳", "A"]
 def test_cmmlu_fixture_skips_missing_subjects_with_a_log_line(tmp_path: Path, caplog) -> None:
     _write_csv(tmp_path / "test" / "chinese_history.csv",
                [GOOD, ["1", "多行\n问题", "a", "b", "c", "d", "B"], ["2", "q", "a", "b", "c", "d", "D"]])
-    with caplog.at_level(logging.INFO, logger="steelworks.evals.benchmarks"):
+    with caplog.at_level(logging.INFO, logger="steelworks.data.benchmarks"):
         subjects, items = load_benchmark(tmp_path, "test")
     assert [s.name for s in subjects] == ["chinese_history"] and subjects[0].china_specific
     assert "66 subject(s)" in caplog.text and "skipped" in caplog.text

@@ -24,9 +24,10 @@ from conftest import SHARED, cmmlu_dir, uvicorn_in_thread, wait_idle
 from fastapi.testclient import TestClient
 from test_serve import assert_openai_error, sse_events
 
+from steelworks.inference.engine import Engine
+from steelworks.inference.sampling import SamplingParams
 from steelworks.serve.app import build_app
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import Engine, SamplingParams
 
 KEY = "sk-contract"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -316,7 +317,7 @@ SCORE_TOLERANCE = 1e-4  # absolute, on summed log-likelihoods (float32, differen
 
 
 def lmeval_subjects(n: int = 67) -> list[str]:
-    from steelworks.evals.benchmarks import cmmlu_subjects
+    from steelworks.data.benchmarks import cmmlu_subjects
 
     return [s.name for s in cmmlu_subjects()[:n]]
 

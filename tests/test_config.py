@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from steelworks.platform.config import ConfigError, apply_overrides, load, to_dict
+from steelworks.core.config import ConfigError, apply_overrides, load, to_dict
 from steelworks.platform.settings import PipelineConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -19,7 +19,7 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    from steelworks.platform.config import from_dict, read_yaml
+    from steelworks.core.config import from_dict, read_yaml
 
     cfg = load(PipelineConfig, path)
     assert isinstance(cfg, PipelineConfig)
@@ -101,7 +101,7 @@ def test_to_dict_is_plain_and_reloadable():
     cfg = load(PipelineConfig, None, ["pretrain.max_steps=9"])
     d = to_dict(cfg)
     assert d["pretrain"]["max_steps"] == 9 and isinstance(d["data"]["demo"], dict)
-    from steelworks.platform.config import from_dict
+    from steelworks.core.config import from_dict
 
     assert from_dict(PipelineConfig, d) == cfg
 

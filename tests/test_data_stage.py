@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from steelworks.core.config import load
 from steelworks.data.config import SourceConfig
-from steelworks.platform.config import load
 from steelworks.platform.settings import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from steelworks.core.config import ConfigError, load
 from steelworks.data.config import DataConfig, DecontamConfig, SourceConfig
 from steelworks.data.decontam import (
     CONTAMINATED,
@@ -22,7 +23,6 @@ from steelworks.data.decontam import (
     summarize,
     tokenize,
 )
-from steelworks.platform.config import ConfigError, load
 from steelworks.platform.settings import PipelineConfig
 
 # A 12-character question: too short on its own, found with its options.

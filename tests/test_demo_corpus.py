@@ -218,7 +218,7 @@ def test_format_exam_prompt_is_the_ceval_layout():
         format_exam_prompt("x", "q", {"A": "1", "B": "2", "C": "3"})
     # The eval stage builds the same zero-shot text, or the SFT model meets a new format.
     prompts = pytest.importorskip("steelworks.evals.prompts")
-    from steelworks.evals.benchmarks import Item
+    from steelworks.data.benchmarks import Item
 
     item = Item("s", "0", "问题？", opts, "A", "", "f.csv", 2)
     assert prompts.build_prompt("虚构地理", item) == format_exam_prompt("虚构地理", "问题？", opts)
@@ -279,7 +279,7 @@ def test_planted_duplicates_and_junk_are_counted(corpus):
 
 
 def test_exam_loads_with_the_eval_loader(corpus):
-    benchmarks = pytest.importorskip("steelworks.evals.benchmarks")
+    benchmarks = pytest.importorskip("steelworks.data.benchmarks")
     for split in ("dev", "val", "test"):
         subjects, items = benchmarks.load_ceval_layout(corpus[1] / "exam", split)
         assert [s.name for s in subjects] == list(DEMO_SUBJECTS)

@@ -20,9 +20,9 @@ import pytest
 import torch
 from test_train import _losses, _run_in_subprocess
 
+from steelworks.core.config import ConfigError, from_dict, load, to_dict
 from steelworks.data.preference import PreferenceError, encode_answer, read_preferences
 from steelworks.data.tokenizer import load_tokenizer
-from steelworks.platform.config import ConfigError, from_dict, load, to_dict
 from steelworks.platform.settings import PipelineConfig
 from steelworks.train.config import DpoConfig
 from steelworks.train.driver import run_training

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from steelworks.serve.engine import QueueFullError, SamplingParams
+from steelworks.inference.sampling import SamplingParams
+from steelworks.inference.scheduler import QueueFullError
 
 # Token lengths 2, 3, 4, 10, 12, 13, 18, 38 with the fixture's tokenizer.
 TEXTS = ["北京是中国的首都。", "你好", "答案是A。以下是中国关于地理考试的单项选择题，请选出其中的正确答案。",

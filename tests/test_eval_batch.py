@@ -55,7 +55,7 @@ def test_generative_mode_counts_and_reports_unparseable(shaken, ceval_dir: Path,
                                                         tmp_path: Path) -> None:
     from steelworks.evals.generative import predict_generative
     from steelworks.evals.report import write_report
-    from steelworks.serve.engine import Engine
+    from steelworks.inference.engine import Engine
 
     model, tok = shaken
     cfg = EvalConfig(split="val", mode="generative", chat=True, max_new_tokens=4)
@@ -85,8 +85,8 @@ def test_eval_command_scores_in_process_without_ray(shaken, shaken_model_dir: Pa
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`steelworks eval` with one replica and no cluster attached never starts Ray, and its
     report holds the predictions of the in-process runner."""
+    from steelworks.core.config import load
     from steelworks.platform import cli, pipeline
-    from steelworks.platform.config import load
     from steelworks.platform.settings import PipelineConfig
 
     for var in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"):

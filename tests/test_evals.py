@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from steelworks.evals import scoring
-from steelworks.evals.benchmarks import (
+from steelworks.data.benchmarks import (
     CEVAL_HARD_SUBJECTS,
     BenchmarkFormatError,
     Item,
     Subject,
     load_ceval_layout,
 )
+from steelworks.evals import scoring
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.prompts import build_prompt, chat_prompt, format_question
 from steelworks.evals.report import aggregate, write_report
@@ -82,7 +82,7 @@ def _item(question: str, answer: str | None, subject: str = "college_physics", i
 
 
 def test_load_ceval_layout_reads_subjects_items_and_lines(ceval_dir: Path, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="steelworks.evals.benchmarks"):
+    with caplog.at_level(logging.INFO, logger="steelworks.data.benchmarks"):
         subjects, items = load_ceval_layout(ceval_dir, "val")
     assert subjects == [
         Subject("college_physics", "College Physics", "大学物理", "STEM"),

@@ -239,7 +239,7 @@ def test_killed_driver_resubmitted_resumes_without_overwriting(tmp_path, driver_
     import numpy as np
     import torch
 
-    from steelworks.platform.config import load, to_dict
+    from steelworks.core.config import load, to_dict
     from steelworks.platform.settings import PipelineConfig
     from steelworks.train.driver import run_training
 

@@ -13,15 +13,15 @@ import psutil
 import pytest
 from conftest import uvicorn_in_thread
 
+from steelworks.inference.sampling import SamplingParams
 from steelworks.serve.app import build_app
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import SamplingParams
 
 pytestmark = pytest.mark.faults
 
 
 def test_killed_engine_process_fails_health_and_in_flight_requests(vllm_model_dir) -> None:
-    from steelworks.serve.vllm_engine import VLLMEngine
+    from steelworks.inference.vllm_engine import VLLMEngine
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     engine = VLLMEngine(vllm_model_dir, max_batch_size=4, max_queue=4)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from steelworks.evals.benchmarks import Item, Subject
+from steelworks.data.benchmarks import Item, Subject
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.extract import RULES, extract_answer
 from steelworks.evals.generative import (
@@ -20,7 +20,8 @@ from steelworks.evals.generative import (
 )
 from steelworks.evals.prompts import build_prompt
 from steelworks.evals.report import aggregate
-from steelworks.serve.engine import Engine, SamplingParams
+from steelworks.inference.engine import Engine
+from steelworks.inference.sampling import SamplingParams
 
 OPTS = {"A": "3×10^8 m/s", "B": "340 m/s", "C": "1 m/s", "D": "10 m/s"}
 

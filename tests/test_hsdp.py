@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_train import _job, _losses, _run_in_subprocess, demo_data  # noqa: F401 (a fixture)
 
-from steelworks.platform.config import ConfigError, load
+from steelworks.core.config import ConfigError, load
 from steelworks.platform.settings import PipelineConfig
 from steelworks.train.driver import run_training
 

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from conftest import uvicorn_in_thread
 
-from steelworks.evals.benchmarks import Item, Subject, load_ceval_layout
+from steelworks.data.benchmarks import Item, Subject, load_ceval_layout
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.http_backend import HTTPEvalError, predict_http
 from steelworks.evals.prompts import build_prompt
 from steelworks.evals.scoring import predict
+from steelworks.inference.engine import Engine
 from steelworks.serve.app import build_app
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import Engine
 
 KEY = "sk-eval"
 MODEL = "steel"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from steelworks.platform.config import ConfigError, load, to_dict
+from steelworks.core.config import ConfigError, load, to_dict
 from steelworks.platform.settings import PipelineConfig
 
 TINY = [  # the tiny pipeline of tests/test_pipeline.py, without a pretrain stage
@@ -67,8 +67,9 @@ def test_sft_from_hf_base_models(tmp_path, tiny_tokenizer_dir, ray_local, monkey
     Train's workers run elsewhere, so the stage must hand them an absolute path."""
     from transformers import AutoModelForCausalLM
 
+    from steelworks.inference.engine import Engine
+    from steelworks.inference.sampling import SamplingParams
     from steelworks.platform.pipeline import run_pipeline, run_sft
-    from steelworks.serve.engine import Engine, SamplingParams
     from steelworks.train.driver import run_training
 
     base = _base_model("qwen2", tiny_tokenizer_dir, tmp_path / "base-qwen2")

@@ -119,9 +119,9 @@ def test_train_loop_with_kernels_follows_the_same_curve(tiny_tokenizer_dir, tmp_
 
     import numpy as np
 
+    from steelworks.core.config import to_dict
     from steelworks.data.shards import ShardIndex, token_dtype, write_shard
     from steelworks.data.tokenizer import load_tokenizer
-    from steelworks.platform.config import to_dict
     from steelworks.train.config import OptimConfig, TrainConfig
     from steelworks.train.driver import run_training
 

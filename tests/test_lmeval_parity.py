@@ -21,7 +21,7 @@ import yaml
 from conftest import cmmlu_dir
 from test_evals import DEV, HEADER, MAPPING, VAL, _write_csv
 
-from steelworks.evals.benchmarks import LETTERS
+from steelworks.data.benchmarks import LETTERS
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.lmeval_tasks import lmeval_predictions, write_lmeval_tasks
 from steelworks.evals.prompts import HEADER as PROMPT_HEADER

@@ -16,8 +16,8 @@ import pytest
 import torch
 from test_train import _losses, _run_in_subprocess, _write_sft
 
+from steelworks.core.config import ConfigError, from_dict, load, to_dict
 from steelworks.data.tokenizer import load_tokenizer
-from steelworks.platform.config import ConfigError, from_dict, load, to_dict
 from steelworks.train.config import LoraTrainConfig, TrainConfig
 from steelworks.train.driver import run_training
 from steelworks.train.lora import PEFT_PREFIX, PROJECTIONS
@@ -234,8 +234,8 @@ def test_pipeline_refuses_lora_on_pretraining(tmp_path):
 def test_changed_rank_is_refused_by_the_resume_guard(tmp_path):
     """The resume key holds every lora field (train/resume.py): a new rank has different
     adapter shapes, and other fields change the maths; the checkpoints stay."""
+    from steelworks.core.rundir import Stage
     from steelworks.platform.pipeline import _settle_resume
-    from steelworks.platform.rundir import Stage
     from steelworks.train.resume import ResumeConflict, conflicts, make_key
 
     def key(**lora):

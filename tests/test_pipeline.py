@@ -20,9 +20,9 @@ import socket
 
 import pytest
 
-from steelworks.platform.config import load
+from steelworks.core.config import load
+from steelworks.core.storage import Remote, mirror_root
 from steelworks.platform.settings import PipelineConfig
-from steelworks.platform.storage import Remote, mirror_root
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

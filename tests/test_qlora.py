@@ -14,7 +14,7 @@ import torch
 from test_lora_train import _job, _safetensors, lora_data  # noqa: F401 (a fixture)
 from test_train import _losses, _run_in_subprocess
 
-from steelworks.platform.config import ConfigError
+from steelworks.core.config import ConfigError
 from steelworks.train.driver import run_training
 from steelworks.train.lora import PEFT_PREFIX, PROJECTIONS
 

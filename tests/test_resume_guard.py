@@ -19,7 +19,7 @@ from steelworks.train.resume import conflicts, make_key
 
 
 def _key(inputs=None, **overrides):
-    from steelworks.platform.config import to_dict
+    from steelworks.core.config import to_dict
 
     cfg = to_dict(TrainConfig(micro_batch_size=4, grad_accum=2, num_workers=2))
     for k, v in overrides.items():

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from steelworks.platform.atomic import atomic_open, atomic_write_json, sha256_file
-from steelworks.platform.rundir import MANIFEST, Stage, StageInputError
+from steelworks.core.atomic import atomic_open, atomic_write_json, sha256_file
+from steelworks.core.rundir import MANIFEST, Stage, StageInputError
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -35,7 +35,7 @@ def test_killed_process_leaves_old_file(tmp_path):
 
     p = tmp_path / "data.bin"
     p.write_bytes(b"previous")
-    code = ("import os,sys\nfrom steelworks.platform.atomic import atomic_open\n"
+    code = ("import os,sys\nfrom steelworks.core.atomic import atomic_open\n"
             f"with atomic_open({str(p)!r}, 'wb') as f:\n"
             "    f.write(b'x' * 1000)\n    f.flush()\n    os.kill(os.getpid(), 9)\n")
     r = subprocess.run([sys.executable, "-c", code])

@@ -12,9 +12,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from steelworks.inference.engine import Engine
+from steelworks.inference.sampling import PromptTooLongError, SamplingParams
 from steelworks.serve.app import _deltas, build_app
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import Engine, PromptTooLongError, SamplingParams
 
 KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -314,7 +315,7 @@ def test_fast_decode_equals_the_tokenizers_decode(tiny_tokenizer_dir):
     import random
 
     from steelworks.data.tokenizer import load_tokenizer
-    from steelworks.serve.engine import _TextAssembler
+    from steelworks.inference.engine import _TextAssembler
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     assembler = _TextAssembler(tok, [])

@@ -29,10 +29,12 @@ import torch
 from conftest import uvicorn_in_thread
 from fastapi.testclient import TestClient
 
-import steelworks.serve.scheduler as scheduler_mod
+import steelworks.inference.scheduler as scheduler_mod
+from steelworks.inference.engine import Engine
+from steelworks.inference.sampling import SamplingParams
+from steelworks.inference.scheduler import QueueFullError
 from steelworks.serve.app import build_app
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import Engine, QueueFullError, SamplingParams
 
 TEXTS = ["北京是中国的首都。", "你好", "The quick brown fox jumps over the lazy dog.",
          "今天天气很好，我们去公园散步吧。"]
@@ -144,7 +146,7 @@ def nan_for_bad_seed(monkeypatch) -> SimpleNamespace:
     raises (torch.multinomial refuses NaN probabilities). ``widths`` collects the engine's
     running rows at each failure (set ``engine`` first), to show the bad row was decoding
     together with others."""
-    real_pick = scheduler_mod._pick
+    real_pick = scheduler_mod.pick_token
     calls: dict[int, int] = {}
     state = SimpleNamespace(engine=None, widths=[])
 
@@ -156,7 +158,7 @@ def nan_for_bad_seed(monkeypatch) -> SimpleNamespace:
                 logits = torch.full_like(logits, float("nan"))
         return real_pick(logits, p, seen, gen)
 
-    monkeypatch.setattr(scheduler_mod, "_pick", pick)
+    monkeypatch.setattr(scheduler_mod, "pick_token", pick)
     return state
 
 

@@ -19,9 +19,9 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
+from steelworks.inference.engine import Engine
 from steelworks.serve.app import build_app
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import Engine
 
 KEY = "sk-fuzz"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -16,14 +16,10 @@ from fastapi.testclient import TestClient
 from test_engine_batching import Gate
 from test_serve import AUTH, HELLO, KEY, assert_openai_error
 
+from steelworks.inference.engine import Engine
+from steelworks.inference.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS, SamplingParams
 from steelworks.serve.app import build_app
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import (
-    MAX_STOP_LENGTH,
-    MAX_STOP_STRINGS,
-    Engine,
-    SamplingParams,
-)
 
 INT64_MAX = 2**63 - 1
 
@@ -74,7 +70,7 @@ def test_long_held_back_stop_prefix_stays_cheap(engine):
     """A stop string cannot start inside text already emitted, so the prefix search is
     bounded by the held-back tail, not by the stop string's length: per token it stays a few
     slices however long the stop string is."""
-    from steelworks.serve.engine import _TextAssembler
+    from steelworks.inference.engine import _TextAssembler
 
     slices = 0
 
@@ -298,8 +294,8 @@ SECRET = "sk-secret-4f1c9e"
 def test_key_never_reaches_manifest_logs_or_stdout(shaken_model_dir, tmp_path, monkeypatch,
                                                    capsys, caplog):
     import steelworks.serve.deployment as deployment
+    from steelworks.core.config import load
     from steelworks.platform import cli, pipeline
-    from steelworks.platform.config import load
     from steelworks.platform.settings import PipelineConfig
 
     caplog.set_level(logging.DEBUG)

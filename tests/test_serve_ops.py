@@ -10,9 +10,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from steelworks.inference.engine import Engine
+from steelworks.inference.sampling import SamplingParams
 from steelworks.serve.app import _deltas, build_app
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import Engine, SamplingParams
 
 KEY = "sk-ops"
 AUTH = {"Authorization": f"Bearer {KEY}"}

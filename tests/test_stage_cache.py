@@ -1,4 +1,4 @@
-"""Stage caching on content (steelworks.platform.rundir): what re-runs a stage and what does not.
+"""Stage caching on content (steelworks.core.rundir): what re-runs a stage and what does not.
 
 A stage's fingerprint covers its config, the content of the small files it reads (recipes,
 flagged-word lists, a pretrained tokenizer, benchmark CSVs), the path + size + mtime of its
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from steelworks.platform.atomic import sha256_file
-from steelworks.platform.rundir import MANIFEST, Stage, content_key
+from steelworks.core.atomic import sha256_file
+from steelworks.core.rundir import MANIFEST, Stage, content_key
 
 
 def _open(tmp_path: Path, name: str, config: dict | None = None, inputs: tuple[str, ...] = (),
@@ -47,7 +47,7 @@ def test_editing_a_read_file_changes_the_fingerprint(tmp_path, caplog):
     assert _open(tmp_path, "data", reads=(recipe,)).is_current()
     recipe.write_text("process: [nfkc, remove_control_chars]\n")
     again = _open(tmp_path, "data", reads=(recipe,))
-    with caplog.at_level("INFO", logger="steelworks.platform.rundir"):
+    with caplog.at_level("INFO", logger="steelworks.core.rundir"):
         assert again.fingerprint != s.fingerprint and not again.is_current()
     assert f"data: {recipe} (read) changed" in caplog.text  # the log says why it re-runs
 
@@ -83,7 +83,7 @@ def test_touching_a_raw_input_changes_the_fingerprint(tmp_path, caplog):
     assert _open(tmp_path, "data", raw_inputs=(corpus,)).is_current()
     st = corpus.stat()
     os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # `touch`: same bytes
-    with caplog.at_level("INFO", logger="steelworks.platform.rundir"):
+    with caplog.at_level("INFO", logger="steelworks.core.rundir"):
         assert not _open(tmp_path, "data", raw_inputs=(corpus,)).is_current()
     assert "raw input files (size or mtime) changed" in caplog.text
 
@@ -280,7 +280,7 @@ def test_pipeline_reruns_on_recipe_edit_and_not_on_identical_force(tmp_path, ray
 def test_mix_settings_key_the_tokenizer_stage_not_the_data_stage(tmp_path):
     """Ratios and mix policy are the packer's: changing them must re-pack, and must not
     re-clean a corpus (hours at scale)."""
-    from steelworks.platform.config import load
+    from steelworks.core.config import load
     from steelworks.platform.pipeline import data_stage_config, mix_ratios
     from steelworks.platform.settings import PipelineConfig
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from test_train import _job, _losses, _run_in_subprocess, demo_data  # noqa: F401  (a fixture)
 
-from steelworks.platform.rundir import MANIFEST, Stage, StageInputError, stage_path
-from steelworks.platform.storage import Remote, is_uri, mirror_root
+from steelworks.core.rundir import MANIFEST, Stage, StageInputError, stage_path
+from steelworks.core.storage import Remote, is_uri, mirror_root
 
 
 def test_uri_or_path():

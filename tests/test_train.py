@@ -58,13 +58,13 @@ def demo_data(tmp_path_factory):
 
 
 def _job(data, out: Path, data_dir: Path | None = None, **train) -> tuple[dict, TrainConfig]:
-    from steelworks.platform.config import to_dict
+    from steelworks.core.config import to_dict
 
     fields = dict(max_steps=12, micro_batch_size=4, num_workers=1, log_every=1, seed=3,
                   model={"size": "tiny"}, optim={"lr": 1e-2, "warmup_steps": 2}, tensorboard=False)
     fields.update(train)
     cfg = TrainConfig(**{k: v for k, v in fields.items() if k not in ("model", "optim")})
-    from steelworks.platform.config import from_dict
+    from steelworks.core.config import from_dict
 
     cfg = from_dict(TrainConfig, {**to_dict(cfg), "model": fields["model"], "optim": fields["optim"]})
     job = {"task": "pretrain", "train": to_dict(cfg), "tokenizer_dir": str(data["tokenizer"]),

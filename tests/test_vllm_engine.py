@@ -10,10 +10,11 @@ import time
 import pytest
 from conftest import uvicorn_in_thread, wait_idle
 
+from steelworks.inference.loader import choose_engine, count_params
+from steelworks.inference.sampling import SamplingParams
+from steelworks.inference.scheduler import QueueFullError
 from steelworks.serve.app import build_app
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import QueueFullError, SamplingParams
-from steelworks.serve.loader import choose_engine, count_params
 
 KEY = "sk-test"
 HELLO = [{"role": "user", "content": "你好，你是谁？"}]
@@ -102,7 +103,7 @@ def test_cancel_frees_the_request_and_full_queue_is_refused(vllm_engine) -> None
 
 
 def test_prompt_validation_is_the_builtin_engines(vllm_engine) -> None:
-    from steelworks.serve.engine import PromptTooLongError
+    from steelworks.inference.sampling import PromptTooLongError
 
     with pytest.raises(ValueError, match="token ids must lie in"):
         vllm_engine.stream([vllm_engine.vocab_size], SamplingParams(max_tokens=1))

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 from ray.data.expressions import col
 
+from steelworks.core.storage import Remote, uri_of
 from steelworks.data.config import DataConfig, SourceConfig
-from steelworks.platform.storage import Remote, uri_of
 
 KEPT, DUPLICATE, QUARANTINED = "kept", "duplicate", "quarantined"
 CLEAN_COLUMNS = ["source", "path", "line", "text"]
@@ -63,7 +63,7 @@ def recipe_for(cfg: DataConfig, src: SourceConfig):
 
 def files_read(cfg: DataConfig) -> tuple[list[Path], list[str]]:
     """What the data stage reads besides its config, for its cache key
-    (``steelworks.platform.rundir``): the recipe files of the pretraining sources (each
+    (``steelworks.core.rundir``): the recipe files of the pretraining sources (each
     recipe's YAML and the flagged-word lists it names, resolved as ``load_recipe`` does),
     and the raw input files of every source (SFT ones too). The demo corpus is generated
     from the config, so the demo has its recipe only. Loading the recipes here also reports
@@ -261,7 +261,7 @@ def run_clean(cfg: DataConfig, sources: list[SourceConfig], sft_sources: list[So
 
     import shutil
 
-    from steelworks.platform.atomic import atomic_open
+    from steelworks.core.atomic import atomic_open
 
     partitions = _partitions(sources + sft_sources)
     data_context(partitions)
@@ -332,8 +332,8 @@ def write_stats(ds, recipes: dict[str, Any], sources: list[SourceConfig], out_di
                 sample: int) -> list[str]:
     """Per-document filter stats of (a sample of) the records that reached the filters,
     saved as parquet and drawn as one histogram per stat with its thresholds marked."""
+    from steelworks.core.atomic import atomic_open
     from steelworks.data.stats_plots import plot_stat_histograms
-    from steelworks.platform.atomic import atomic_open
 
     cols = sorted({f.column for r in recipes.values() for f in r.filters})
     rows = (ds.filter(expr=col("status") != QUARANTINED)

@@ -138,7 +138,7 @@ class DecontamConfig:
     of the benchmarks are dropped (status ``contaminated``) or flagged (kept, and listed)."""
 
     enabled: bool = False
-    # C-Eval or CMMLU layout directories (``steelworks.evals.benchmarks``); each one's name
+    # C-Eval or CMMLU layout directories (``steelworks.data.benchmarks``); each one's name
     # (``cmmlu``) labels its counts in the manifest, so names must differ.
     benchmarks: list[str] = field(default_factory=list)
     splits: list[Literal["dev", "val", "test"]] = field(default_factory=list)  # []: every split there

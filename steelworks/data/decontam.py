@@ -210,9 +210,9 @@ class BenchItem:
 
 def load_items(dirs: Sequence[str], splits: Sequence[str] = ()) -> list[BenchItem]:
     """Every item of every split (or of ``splits``) of the benchmark directories, read by
-    the eval loaders (``steelworks.evals.benchmarks``: C-Eval or CMMLU, told apart by
+    the eval loaders (``steelworks.data.benchmarks``: C-Eval or CMMLU, told apart by
     ``detect_layout``), so a malformed file is the same error here as in an eval."""
-    from steelworks.evals.benchmarks import LETTERS, detect_layout, load_benchmark
+    from steelworks.data.benchmarks import LETTERS, detect_layout, load_benchmark
 
     items: list[BenchItem] = []
     for d in dirs:
@@ -236,7 +236,7 @@ def load_items(dirs: Sequence[str], splits: Sequence[str] = ()) -> list[BenchIte
 def _item_hashes(item: BenchItem, n: int) -> np.ndarray:
     """The item's n-grams that start in its question, over the question + options, plain
     and lettered (see the module docstring)."""
-    from steelworks.evals.benchmarks import LETTERS
+    from steelworks.data.benchmarks import LETTERS
 
     q = _Tokens.of(item.question)
     plain = " ".join([item.question, *item.options])
@@ -422,7 +422,7 @@ class Step:
 
     def finish(self, out_dir: Path) -> tuple[str, dict[str, Any]]:
         """Write ``decontam.jsonl``; -> (its name, the manifest's ``decontam`` entry)."""
-        from steelworks.platform.atomic import atomic_open
+        from steelworks.core.atomic import atomic_open
 
         with atomic_open(out_dir / "decontam.jsonl") as f:
             f.writelines(report_lines(self.rows))

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from steelworks.core.atomic import atomic_open, atomic_write_json, atomic_write_text
 from steelworks.data.config import DemoCorpusConfig
 from steelworks.data.demo_templates import (
     _DOC_FACTS,
@@ -93,7 +94,6 @@ from steelworks.data.demo_templates import (
     LETTERS,
     Attribute,
 )
-from steelworks.platform.atomic import atomic_open, atomic_write_json, atomic_write_text
 
 
 def format_exam_prompt(subject_zh: str, question: str, options: dict[str, str]) -> str:

@@ -38,11 +38,11 @@ import numpy as np
 import pandas as pd
 from ray.data.expressions import col
 
+from steelworks.core.storage import Remote, dataset_paths, local_dir, uri_of
 from steelworks.data.aggregate import totals_by
 from steelworks.data.clean import data_context
 from steelworks.data.config import MixConfig
 from steelworks.data.shards import ShardIndex, ShardInfo, token_dtype, write_shard
-from steelworks.platform.storage import Remote, dataset_paths, local_dir, uri_of
 
 PACK_DOCS_PER_BATCH = 2048  # documents tokenized and packed together by one task
 

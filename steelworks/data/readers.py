@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from steelworks.core.storage import Remote, is_uri
 from steelworks.data.config import SourceConfig
 from steelworks.data.formats import Converted, Format, RecordError, expand_paths, get_format
-from steelworks.platform.storage import Remote, is_uri
 
 try:  # orjson parses JSON lines ~3x faster; optional, the stdlib gives the same results
     import orjson

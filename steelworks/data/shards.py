@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from steelworks.platform.atomic import atomic_open, atomic_write_json
+from steelworks.core.atomic import atomic_open, atomic_write_json
 
 INDEX = "index.json"
 SEG_DTYPE = np.dtype("<u2")  # segment ids: little-endian uint16, whatever the host order
@@ -131,7 +131,7 @@ def open_segments(directory: Path, index: ShardIndex, info: ShardInfo) -> np.nda
 def verify_shard(directory: Path, info: ShardInfo) -> None:
     """Raise naming the file if the shard's tokens, mask or segment ids no longer match the
     hashes recorded for them (a file recorded without a hash, as in old indexes, is skipped)."""
-    from steelworks.platform.atomic import sha256_file
+    from steelworks.core.atomic import sha256_file
 
     for name, expected in ((info.file, info.sha256), (info.mask_file, info.mask_sha256),
                            (info.seg_file, info.seg_sha256)):

@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from steelworks.evals.benchmarks import Item, Subject
+from steelworks.core.rundir import stage_path
+from steelworks.core.storage import uri_of
+from steelworks.data.benchmarks import Item, Subject
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.report import write_report
 from steelworks.evals.runner import load_items, predict_items, summarize
-from steelworks.platform.rundir import stage_path
-from steelworks.platform.storage import uri_of
 
 log = logging.getLogger(__name__)
 

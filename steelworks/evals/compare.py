@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from steelworks.platform.atomic import atomic_write_json, atomic_write_text
+from steelworks.core.atomic import atomic_write_json, atomic_write_text
 
 
 def load_run(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:

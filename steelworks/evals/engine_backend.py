@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from steelworks.evals.benchmarks import Item, Subject
+from steelworks.data.benchmarks import Item, Subject
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.http_backend import _Request, _score_all, _tokenize
 from steelworks.evals.scoring import build_requests, to_records

@@ -45,7 +45,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 
-from steelworks.evals.benchmarks import LETTERS
+from steelworks.data.benchmarks import LETTERS
 
 RULE_EXACT = "exact"
 RULE_PHRASE = "phrase"

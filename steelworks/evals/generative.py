@@ -24,12 +24,12 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from steelworks.evals.benchmarks import Item, Subject
+from steelworks.data.benchmarks import Item, Subject
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.extract import RULE_UNPARSEABLE, RULES, extract_answer
 from steelworks.evals.prompts import build_prompt
 from steelworks.evals.scoring import select_shots
-from steelworks.serve.engine import SamplingParams
+from steelworks.inference.sampling import SamplingParams
 
 # Base (non-chat) prompts end "答案：" and every shot ends "答案：X\n\n": after its answer a
 # base model goes on to write the next question, so a blank line ends the reply.

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from steelworks.evals.benchmarks import LETTERS, Item, Subject
+from steelworks.data.benchmarks import LETTERS, Item, Subject
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.scoring import _encode, build_requests, to_records
 

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steelworks.evals.benchmarks import (
+from steelworks.data.benchmarks import (
     LETTERS,
     MAPPING_FILE,
     _find_csv,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from steelworks.evals.benchmarks import LETTERS, Item
+from steelworks.data.benchmarks import LETTERS, Item
 
 HEADER = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"
 ANSWER_CUE = "答案："

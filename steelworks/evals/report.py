@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from steelworks.evals.benchmarks import Subject
-from steelworks.platform.atomic import atomic_open, atomic_write_json, atomic_write_text
+from steelworks.core.atomic import atomic_open, atomic_write_json, atomic_write_text
+from steelworks.data.benchmarks import Subject
 
 CHANCE = 0.25  # four options
 

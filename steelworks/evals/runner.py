@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from steelworks.evals.benchmarks import Item, Subject, load_benchmark
+from steelworks.data.benchmarks import Item, Subject, load_benchmark
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.report import aggregate, write_report
 from steelworks.evals.scoring import predict
@@ -61,7 +61,7 @@ def predict_items(model: Any, tokenizer: Any, items: Sequence[Item], subjects: S
         return predict(model, tokenizer, items, subjects, cfg, shots, progress=progress)
     # The engine (and transformers) only when generating.
     from steelworks.evals.generative import predict_generative
-    from steelworks.serve.engine import Engine
+    from steelworks.inference.engine import Engine
 
     # max_queue covers every item: predict_generative never has more in flight than
     # max_batch_size, but the bound must never be what fails an evaluation.

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from steelworks.evals.benchmarks import LETTERS, Item, Subject
+from steelworks.data.benchmarks import LETTERS, Item, Subject
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.prompts import build_prompt, chat_prompt
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from steelworks import __version__
-from steelworks.platform.config import ConfigError, load
+from steelworks.core.config import ConfigError, load
 from steelworks.platform.settings import PipelineConfig
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -103,8 +103,8 @@ def cmd_demo(args) -> int:
 def cmd_serve(args) -> int:
     import time
 
-    from steelworks.platform.rundir import stage_path
-    from steelworks.platform.storage import location
+    from steelworks.core.rundir import stage_path
+    from steelworks.core.storage import location
     from steelworks.serve.deployment import deploy
 
     cfg = _load(args)
@@ -185,8 +185,8 @@ def _demo_exam(cfg) -> str | None:
     """The run's demo exam directory, when its data stage built one."""
     import json
 
-    from steelworks.platform.rundir import MANIFEST, run_dir
-    from steelworks.platform.storage import Remote, is_uri, join
+    from steelworks.core.rundir import MANIFEST, run_dir
+    from steelworks.core.storage import Remote, is_uri, join
 
     local = run_dir(cfg.runs_dir, cfg.run) / "data"
     if is_uri(cfg.runs_dir):  # fetch the exam's files only, not the whole data stage

@@ -2,7 +2,7 @@
 
 Each ``run_<stage>`` opens ``runs/<run>/<stage>/`` with what the stage reads (input stages,
 recipe files, raw inputs, a tokenizer or benchmark directory), returns early when the stage is
-current (same config, same content read, outputs intact: ``steelworks.platform.rundir``),
+current (same config, same content read, outputs intact: ``steelworks.core.rundir``),
 otherwise does the work (on Ray) and writes the manifest last. The driver only gathers config
 and launches (DESIGN principle 8).
 """
@@ -15,9 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from steelworks.platform.atomic import atomic_write_json, sha256_file
-from steelworks.platform.config import ConfigError, to_dict
-from steelworks.platform.rundir import Stage, list_outputs, read_manifest
+from steelworks.core.atomic import atomic_write_json, sha256_file
+from steelworks.core.config import ConfigError, to_dict
+from steelworks.core.rundir import Stage, list_outputs, read_manifest
 from steelworks.platform.settings import STAGES, PipelineConfig
 
 log = logging.getLogger("steelworks.pipeline")
@@ -122,8 +122,8 @@ def run_data(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
         extra.update(exam="corpus/exam", preference="corpus/preference.jsonl",
                      demo={k: v for k, v in summary.items() if k != "files"})
     elif cfg.data.self_cognition.samples:
+        from steelworks.core.atomic import atomic_write_text
         from steelworks.data.sft_builders import self_cognition
-        from steelworks.platform.atomic import atomic_write_text
 
         sc = cfg.data.self_cognition
         records = self_cognition(sc.name, sc.author, sc.samples)
@@ -524,8 +524,8 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False,
 
 
 def summarize(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str:
-    from steelworks.platform.rundir import run_dir
-    from steelworks.platform.storage import is_uri, location
+    from steelworks.core.rundir import run_dir
+    from steelworks.core.storage import is_uri, location
 
     root = location(cfg.runs_dir, cfg.run)  # a path, or the run's URI in its bucket
     lines = ["", "=" * 64, f"steelworks run '{cfg.run}' finished: artifacts in {root}/"]

@@ -28,17 +28,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from steelworks.inference.engine import Engine, EngineBase, GenerationStream, PromptLogprobs
+from steelworks.inference.sampling import InvalidTextError, PromptTooLongError, SamplingParams
+from steelworks.inference.scheduler import QueueFullError
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import (
-    Engine,
-    EngineBase,
-    GenerationStream,
-    InvalidTextError,
-    PromptLogprobs,
-    PromptTooLongError,
-    QueueFullError,
-    SamplingParams,
-)
 from steelworks.serve.evals_api import build_eval_router
 from steelworks.serve.metrics import ServeMetrics
 from steelworks.serve.middleware import BodyLimit, RequestMetrics

@@ -23,8 +23,8 @@ from steelworks.serve.config import ServeConfig
 @serve.ingress()
 class SteelworksServer:
     def __init__(self, model_dir: str, config: ServeConfig) -> None:
-        from steelworks.platform.rundir import stage_path
-        from steelworks.serve.loader import load_engine
+        from steelworks.core.rundir import stage_path
+        from steelworks.inference.loader import load_engine
 
         device = "cuda" if config.num_gpus > 0 else "cpu"
         # A URI when the run is in a bucket: a replica on another node fetches the model.
@@ -75,7 +75,7 @@ def deploy(model_dir: str | Path, config: ServeConfig, name: str = "steelworks")
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
     )
-    from steelworks.platform.storage import uri_of
+    from steelworks.core.storage import uri_of
 
     serve.run(server.bind(uri_of(model_dir) or str(model_dir), config), name=name,
               route_prefix=config.route_prefix, blocking=False)

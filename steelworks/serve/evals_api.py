@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from steelworks.evals.config import EvalConfig
+from steelworks.inference.scheduler import QueueFullError
 from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import QueueFullError
 
 log = logging.getLogger("steelworks.serve")
 
@@ -51,7 +51,7 @@ def build_eval_router(engine: Any, config: ServeConfig, require_key: Callable,
                       error: Callable[..., Exception]) -> APIRouter:
     """The router; ``error(status, message, param=..., type=..., code=...)`` builds the app's
     OpenAI-style error."""
-    from steelworks.evals.benchmarks import load_benchmark
+    from steelworks.data.benchmarks import load_benchmark
     from steelworks.evals.engine_backend import evaluate_engine
     from steelworks.evals.runner import limit_items
 

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from steelworks.serve.engine import INT64_MAX, INT64_MIN, REPETITION_PENALTY_RANGE
+from steelworks.inference.sampling import INT64_MAX, INT64_MIN, REPETITION_PENALTY_RANGE
 
 
 class APIError(Exception):

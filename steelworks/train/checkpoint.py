@@ -43,8 +43,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from steelworks.platform.atomic import atomic_write_json
-from steelworks.platform.storage import Remote
+from steelworks.core.atomic import atomic_write_json
+from steelworks.core.storage import Remote
 
 
 def _dist() -> tuple[int, int]:

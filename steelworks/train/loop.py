@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from steelworks.platform.config import ConfigError, from_dict
+from steelworks.core.config import ConfigError, from_dict
 from steelworks.train.checkpoint import (
     AsyncCheckpointer,
     export_hf,
@@ -489,7 +489,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
                "world_size": world, "kernels": kernels,
                "flops_per_token": fpt, **{k: v for k, v in last.items() if k != "step"}}
     if rank == 0:
-        from steelworks.platform.atomic import atomic_write_json
+        from steelworks.core.atomic import atomic_write_json
 
         atomic_write_json(out_dir / "summary.json", summary)
         upload_outputs(job)  # a run in a bucket: hf/, adapter/ and the reports, for the driver

@@ -200,7 +200,7 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path,
     the others return at once (the caller's next barrier waits for rank 0)."""
     from safetensors.torch import save_file
 
-    from steelworks.platform.atomic import atomic_write_json
+    from steelworks.core.atomic import atomic_write_json
     from steelworks.train.merge import _replace_dir
 
     out_dir = Path(out_dir)

@@ -283,7 +283,7 @@ def _write_dir(tmp: Path, ref: Checkpoint, state: dict[str, torch.Tensor],
     record last (a directory with merge.json is complete)."""
     from safetensors.torch import save_file
 
-    from steelworks.platform.atomic import atomic_write_json
+    from steelworks.core.atomic import atomic_write_json
 
     save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
     for name in COPIED_FILES:

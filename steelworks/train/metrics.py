@@ -115,7 +115,7 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from steelworks.platform.atomic import atomic_write_bytes
+        from steelworks.core.atomic import atomic_write_bytes
 
         steps = [r["step"] for r in self.rows]
         dpo = all("rewards/accuracies" in r for r in self.rows)
@@ -145,7 +145,7 @@ def truncate_log(path: Path, after_step: int) -> None:
     """On resume, drop rows a crashed run logged after the checkpoint it resumes from."""
     if not path.exists():
         return
-    from steelworks.platform.atomic import atomic_write_text
+    from steelworks.core.atomic import atomic_write_text
 
     rows = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= after_step]

@@ -92,7 +92,7 @@ class PairLoader:
 
     def __init__(self, directory: str | Path, rank: int, world: int, micro_batch: int,
                  grad_accum: int, seed: int, pad_id: int, max_length: int) -> None:
-        from steelworks.platform.atomic import sha256_file
+        from steelworks.core.atomic import sha256_file
 
         self.dir = Path(directory)
         self.rank, self.world, self.micro, self.accum, self.seed = rank, world, micro_batch, grad_accum, seed

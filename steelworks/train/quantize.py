@@ -42,7 +42,7 @@ def bitsandbytes():
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        from steelworks.platform.config import ConfigError
+        from steelworks.core.config import ConfigError
 
         raise ConfigError(f"lora.quantize=4bit (QLoRA) needs bitsandbytes, which is not "
                           f"installed here ({e}); install it with {INSTALL}, or remove "

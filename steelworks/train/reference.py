@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from steelworks.platform.rundir import stage_path
-from steelworks.platform.storage import Remote, uri_of
+from steelworks.core.rundir import stage_path
+from steelworks.core.storage import Remote, uri_of
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def write_pairs(directory: str | Path, pairs: list[dict[str, Any]], ref_chosen: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from steelworks.platform.atomic import atomic_open
+    from steelworks.core.atomic import atomic_open
     from steelworks.train.pairs import PAIRS_FILE
 
     table = pa.table({
@@ -159,15 +159,15 @@ def build_pairs(out: Path, remote: Remote | None, dcfg: Any, files: list[str], r
     in between leaves pairs that the next run rebuilds, never half-made ones that it trusts.
     ``remote``: the run is in a bucket; the pairs are mirrored from and uploaded to it there,
     ``key.json`` last. -> the counts (pairs, quarantined)."""
-    from steelworks.data.preference import read_preferences
-    from steelworks.data.tokenizer import load_tokenizer
-    from steelworks.platform.atomic import (
+    from steelworks.core.atomic import (
         atomic_write_json,
         atomic_write_text,
         sha256_file,
         sha256_json,
     )
-    from steelworks.platform.rundir import list_outputs, stat_key
+    from steelworks.core.rundir import list_outputs, stat_key
+    from steelworks.data.preference import read_preferences
+    from steelworks.data.tokenizer import load_tokenizer
 
     quantize = dcfg.lora is not None and dcfg.lora.quantize == "4bit"  # QLoRA: a 4-bit reference
     key = {"files": stat_key(files), "max_length": dcfg.max_length, "reference": reference,

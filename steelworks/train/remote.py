@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from steelworks.platform.storage import Remote
+from steelworks.core.storage import Remote
 
 # What the driver reads back after training, besides the checkpoints (uploaded as they go).
 OUTPUT_DIRS = ("hf", "adapter", "tensorboard")
@@ -36,7 +36,7 @@ def checkpoints_remote(job: dict[str, Any]) -> Remote | None:
 def fetch_inputs(job: dict[str, Any], rank: int) -> None:
     """Bring what this worker reads into its node's mirror (a no-op for files already there
     and unchanged). Ranks on one node may fetch at once: every file lands by an atomic rename."""
-    from steelworks.platform.rundir import pull_stage
+    from steelworks.core.rundir import pull_stage
 
     for uri, local in job.get("pull") or []:
         pull_stage(Remote(uri), Path(local))

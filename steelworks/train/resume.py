@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steelworks.platform.config import ConfigError
+from steelworks.core.config import ConfigError
 
 KEY_FILE = "resume_key.json"
 FREE = ("max_steps", "epochs", "extra_data", "log_every", "ckpt_every", "keep_last",

@@ -11,7 +11,7 @@ Two layouts are read, and ``load_benchmark`` tells them apart:
 - CMMLU: ``{dev,test}/{subject}.csv`` with columns ``,Question,A,B,C,D,Answer`` (the first,
   unnamed column is the row index, which becomes the item id).  Every split has answers.
   Names, categories and the China-specific flag come from the packaged map
-  (``steelworks.evals.subjects``), since CMMLU's data folders carry none.
+  (``steelworks.data.subjects``), since CMMLU's data folders carry none.
 
 A malformed row is an error naming the file and line, never a skipped row: a benchmark
 that silently loses questions reports an accuracy over a different test.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 # CEVAL_HARD_SUBJECTS is re-exported: it was defined here before the subject facts moved.
-from steelworks.evals.subjects import CEVAL_HARD_SUBJECTS, CEVAL_SUBJECTS, CMMLU_SUBJECTS
+from steelworks.data.subjects import CEVAL_HARD_SUBJECTS, CEVAL_SUBJECTS, CMMLU_SUBJECTS
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def load_cmmlu_layout(directory: str | Path, split: str) -> tuple[list[Subject],
     if unknown:
         raise BenchmarkFormatError(
             f"{split_dir}: CSV(s) for subject(s) not in the CMMLU map: {', '.join(unknown)} "
-            f"(the 67 known subjects are in steelworks/evals/subjects.py)"
+            f"(the 67 known subjects are in steelworks/data/subjects.py)"
         )
     subjects, items = _collect(cmmlu_subjects(), present.get, read_cmmlu_csv, split_dir, split)
     if not subjects:

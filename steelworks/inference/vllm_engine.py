@@ -38,15 +38,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from steelworks.serve.engine import (
-    MAX_LOGPROBS,
-    EngineBase,
-    GenerationStream,
-    PromptLogprobs,
-    QueueFullError,
-    SamplingParams,
-)
-from steelworks.serve.scheduler import Finished, Request, TokenEvent
+from steelworks.inference.engine import EngineBase, GenerationStream, PromptLogprobs
+from steelworks.inference.sampling import MAX_LOGPROBS, SamplingParams
+from steelworks.inference.scheduler import Finished, QueueFullError, Request, TokenEvent
 
 log = logging.getLogger(__name__)
 

@@ -51,13 +51,13 @@ from pathlib import Path
 from typing import Any
 
 from steelworks import __version__
-from steelworks.platform.atomic import (
+from steelworks.core.atomic import (
     atomic_write_json,
     atomic_write_text,
     sha256_file,
     sha256_json,
 )
-from steelworks.platform.storage import Remote, is_uri, join, mirror_root
+from steelworks.core.storage import Remote, is_uri, join, mirror_root
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

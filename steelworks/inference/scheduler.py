@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import queue
 import random
 import threading
@@ -35,13 +34,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from steelworks.serve.engine import SamplingParams
+from steelworks.inference.sampling import SamplingParams, pick_token
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -419,7 +417,7 @@ class Scheduler:
             for i, r in enumerate(rows):
                 if not plain[i]:
                     try:
-                        picked.append(_pick(logits[i], r.params, r.seen, r.generator))
+                        picked.append(pick_token(logits[i], r.params, r.seen, r.generator))
                         continue
                     except Exception as e:
                         failed[i] = e
@@ -475,30 +473,3 @@ def _logprobs(rows: list[Request], logits: torch.Tensor, tokens: torch.Tensor
         n = rows[i].params.logprobs
         out[i] = (chosen[j], dict(zip(top_i[j][:n], top_v[j][:n], strict=True)))
     return out
-
-
-def _pick(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None,
-          gen: torch.Generator) -> torch.Tensor:
-    """Next token (0-d tensor) from one row's last logits, in the order transformers applies
-    its processors: repetition penalty, temperature, top-k, top-p."""
-    if seen is not None:  # CTRL-style penalty, as transformers' RepetitionPenaltyLogitsProcessor
-        penalised = torch.where(logits < 0, logits * p.repetition_penalty,
-                                logits / p.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if p.temperature == 0:
-        return torch.argmax(logits)
-    logits = logits / p.temperature
-    if 0 < p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the mass before it already reaches top_p (the top one always stays).
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-        # Explicitly: a top_p below fp32's smallest value (5e-324) compares as 0 >= 0 and would
-        # drop every token, leaving a NaN distribution.
-        drop[0] = False
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, -math.inf))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=gen)[0]

@@ -13,12 +13,23 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Literal, Protocol
 
-from steelworks.serve.config import ServeConfig
-from steelworks.serve.engine import Engine, EngineBase
-from steelworks.serve.vllm_engine import VLLMEngine, unsupported_reason, vllm_available
+from steelworks.inference.engine import Engine, EngineBase
+from steelworks.inference.vllm_engine import VLLMEngine, unsupported_reason, vllm_available
 
 log = logging.getLogger(__name__)
+
+
+class EngineOptions(Protocol):
+    """What choosing and starting an engine reads: ``serve.ServeConfig`` has these fields
+    (``serve.engine`` and so on); the protocol keeps inference below serve."""
+
+    engine: Literal["auto", "vllm", "builtin"]
+    auto_vllm_min_params: int
+    max_batch_size: int
+    max_queue: int
+    kv_cache_gib: int
 
 
 def count_params(config: dict) -> int:
@@ -35,7 +46,7 @@ def count_params(config: dict) -> int:
     return layers * (attn + mlp + 2 * h) + embed + h
 
 
-def choose_engine(model_dir: str | Path, config: ServeConfig, device: str) -> tuple[str, str]:
+def choose_engine(model_dir: str | Path, config: EngineOptions, device: str) -> tuple[str, str]:
     """(``"vllm"`` or ``"builtin"``, why). Raises ValueError when ``engine: vllm`` was asked
     for and cannot be had, naming what is missing."""
     hf = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
@@ -56,7 +67,7 @@ def choose_engine(model_dir: str | Path, config: ServeConfig, device: str) -> tu
     return "vllm", f"auto: vLLM is installed and serves this {params / 1e6:.1f}M model on {device}"
 
 
-def load_engine(model_dir: str | Path, config: ServeConfig, device: str = "cpu") -> EngineBase:
+def load_engine(model_dir: str | Path, config: EngineOptions, device: str = "cpu") -> EngineBase:
     """The engine ``config`` asks for, loaded from a local HF directory with its tokenizer."""
     kind, why = choose_engine(model_dir, config, device)
     log.info("serving %s with the %s engine (%s)", model_dir, kind, why)
