@@ -152,8 +152,8 @@ def sw_runs_dir(work: Path, cpus: int, recipe: str = "steel_text") -> Path:
 
 def run_steelworks(work: Path, cpus: int, tok_dir: Path, recipe: str = "steel_text") -> dict:
     from steelworks.core.config import load
+    from steelworks.platform.connect import connect
     from steelworks.platform.pipeline import run_data, run_tokenizer
-    from steelworks.platform.ray_cluster import connect
     from steelworks.platform.settings import PipelineConfig
 
     os.environ.pop("RAY_ADDRESS", None)
@@ -563,7 +563,7 @@ def run_memory(work: Path, cpus: int, path: Path) -> dict:
     from steelworks.data.clean import data_context, read_and_filter
     from steelworks.data.config import SourceConfig
     from steelworks.data.recipe import load_recipe
-    from steelworks.platform.ray_cluster import connect
+    from steelworks.platform.connect import connect
 
     os.environ.pop("RAY_ADDRESS", None)
     connect(None, num_cpus=cpus)

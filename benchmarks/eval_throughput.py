@@ -266,7 +266,7 @@ def in_process(args: argparse.Namespace) -> int:
         import dataclasses
 
         from steelworks.evals.batch import evaluate_on_ray
-        from steelworks.platform.ray_cluster import connect
+        from steelworks.platform.connect import connect
 
         os.environ.pop("RAY_ADDRESS", None)
         connect(None, num_cpus=4)

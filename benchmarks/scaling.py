@@ -138,7 +138,7 @@ def start_simulated(n: int, cpus_per_node: int) -> tuple[Any, dict[str, Any]]:
     import ray._private.utils
     from ray.cluster_utils import Cluster
 
-    from steelworks.platform.ray_cluster import _enable_token_auth_in_process, ensure_token
+    from steelworks.platform.connect import _enable_token_auth_in_process, ensure_token
 
     ensure_token()
     _enable_token_auth_in_process()  # every process the nodes start inherits token mode
@@ -174,7 +174,7 @@ def connect_existing(address: str, n: int, cpus_per_node: int) -> dict[str, Any]
     import ray
     from ray.data import DataContext, ExecutionResources
 
-    from steelworks.platform.ray_cluster import connect
+    from steelworks.platform.connect import connect
 
     connect(address)
     nodes = [x for x in ray.nodes() if x["Alive"] and x["Resources"].get("CPU", 0) >= cpus_per_node]

@@ -162,7 +162,7 @@ def uvicorn_in_thread(asgi_app):
 def ray_local():
     """One local Ray session for the whole test run (starting Ray costs seconds on 2 cores)."""
     ray = pytest.importorskip("ray")
-    from steelworks.platform.ray_cluster import connect
+    from steelworks.platform.connect import connect
 
     # Never attach to a cluster a developer happens to have running (`ray start`): connect()
     # without an address starts a private local cluster, with token auth on, as the CLI does.
@@ -317,6 +317,21 @@ def start_moto_server(port: int) -> subprocess.Popen:
             raise RuntimeError(f"moto_server did not come up on port {port} (exit code "
                                f"{proc.poll()}; is the port taken?): {tail}")
         time.sleep(0.2)
+
+
+@pytest.fixture
+def inject_faults(monkeypatch):
+    """Arm faults in this process's environment for the rest of the test (``core.faults``):
+    ``inject_faults(fault("data.clean", marker))``. The driver reads them and hands them to
+    the tasks it starts; train loop faults go in the job instead (``job["faults"]``)."""
+    import json
+
+    from steelworks.core.faults import ENV
+
+    def arm(*armed: dict) -> None:
+        monkeypatch.setenv(ENV, json.dumps(list(armed)))
+
+    return arm
 
 
 @pytest.fixture(scope="session")

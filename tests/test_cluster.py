@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steelworks.platform import ray_cluster as rc
+from steelworks.platform import cli, cluster, jobs
+from steelworks.platform import connect as conn
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -90,9 +91,9 @@ def _runtime_env(cmd: list[str]) -> dict:
 
 
 def test_build_submit_command(tmp_path):
-    cmd = rc.build_submit_command(["python", "-m", "steelworks", "pipeline"],
-                                  "http://127.0.0.1:8265", str(tmp_path), wait=True,
-                                  extra_env={"FOO": "bar"})
+    cmd = jobs.build_submit_command(["python", "-m", "steelworks", "pipeline"],
+                                    "http://127.0.0.1:8265", str(tmp_path), wait=True,
+                                    extra_env={"FOO": "bar"})
     assert cmd[:3] == [sys.executable, "-m", "ray.scripts.scripts"]
     assert cmd[3:5] == ["job", "submit"]
     assert "--address=http://127.0.0.1:8265" in cmd
@@ -105,7 +106,7 @@ def test_build_submit_command(tmp_path):
     assert {".venv", "runs", ".git"} <= set(env["excludes"])
     assert env["env_vars"]["RAY_AUTH_MODE"] == "token"
     assert env["env_vars"]["FOO"] == "bar"
-    assert "--no-wait" in rc.build_submit_command(["true"], "http://h:1", wait=False)
+    assert "--no-wait" in jobs.build_submit_command(["true"], "http://h:1", wait=False)
 
 
 def test_a_local_cluster_gets_no_package_and_runs_in_place(tmp_path, monkeypatch):
@@ -113,20 +114,20 @@ def test_a_local_cluster_gets_no_package_and_runs_in_place(tmp_path, monkeypatch
     uploads nothing, and the job runs this interpreter in the working directory; a remote
     address gets the working_dir package as before. --upload/--no-upload override."""
     calls = []
-    monkeypatch.setattr(rc, "run_job", lambda entry, url, wd, wait, env, upload: calls.append(
+    monkeypatch.setattr(jobs, "run_job", lambda entry, url, wd, wait, env, upload: calls.append(
         (entry, upload)) or 0)
-    assert rc.submit(["data", "--config", "c.yaml"], "http://127.0.0.1:8265", str(tmp_path)) == 0
+    assert jobs.submit(["data", "--config", "c.yaml"], "http://127.0.0.1:8265", str(tmp_path)) == 0
     entry, upload = calls[-1]
     assert upload is False and entry[:2] == ["sh", "-c"]
     inner = shlex.split(entry[2])
     assert inner[:3] == ["cd", str(tmp_path.resolve()), "&&"] and inner[3] == "exec"
     assert inner[4:8] == [sys.executable, "-m", "steelworks", "data"]
-    assert rc.submit(["data"], "http://10.0.0.5:8265", str(tmp_path)) == 0
+    assert jobs.submit(["data"], "http://10.0.0.5:8265", str(tmp_path)) == 0
     assert calls[-1] == (["python", "-m", "steelworks", "data"], True)
-    assert rc.submit(["data"], "http://127.0.0.1:8265", str(tmp_path), upload=True) == 0
+    assert jobs.submit(["data"], "http://127.0.0.1:8265", str(tmp_path), upload=True) == 0
     assert calls[-1][1] is True and calls[-1][0][0] == "python"
     # Without a package the submit command has no --working-dir and no excludes.
-    cmd = rc.build_submit_command(entry, "http://127.0.0.1:8265", str(tmp_path), upload=False)
+    cmd = jobs.build_submit_command(entry, "http://127.0.0.1:8265", str(tmp_path), upload=False)
     assert not [a for a in cmd if a.startswith("--working-dir")]
     assert "excludes" not in _runtime_env(cmd) and _runtime_env(cmd)["env_vars"]["RAY_AUTH_MODE"] == "token"
     assert cmd[cmd.index("--") + 1:] == entry
@@ -135,23 +136,23 @@ def test_a_local_cluster_gets_no_package_and_runs_in_place(tmp_path, monkeypatch
 def test_auth_env_forces_token_mode(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("SOME_VAR", "kept")
-    env = rc.auth_env()
+    env = conn.auth_env()
     assert env["RAY_AUTH_MODE"] == "token" and env["SOME_VAR"] == "kept"
     assert os.environ["RAY_AUTH_MODE"] == "disabled"  # a copy: our own env is untouched
-    assert rc._head_env()["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert cluster._head_env()["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
 
 
 def test_runs_dir_made_absolute_for_local_cluster(tmp_path):
-    entry = rc.steelworks_entrypoint(["pipeline", "--config", "c.yaml"],
-                                     "http://127.0.0.1:8265", str(tmp_path))
+    entry = jobs.steelworks_entrypoint(["pipeline", "--config", "c.yaml"],
+                                       "http://127.0.0.1:8265", str(tmp_path))
     assert entry[:4] == ["python", "-m", "steelworks", "pipeline"]
     assert entry[-2:] == ["--set", f"runs_dir={tmp_path.resolve() / 'runs'}"]
     assert Path(entry[-1].split("=", 1)[1]).is_absolute()
 
     # A relative runs_dir from the config file is kept, but anchored to the working dir.
     (tmp_path / "c.yaml").write_text("run: x\nruns_dir: out/runs\n")
-    entry = rc.steelworks_entrypoint(["pipeline", "-c", "c.yaml"], "http://localhost:8265",
-                                     str(tmp_path))
+    entry = jobs.steelworks_entrypoint(["pipeline", "-c", "c.yaml"], "http://localhost:8265",
+                                       str(tmp_path))
     assert entry[-1] == f"runs_dir={tmp_path.resolve() / 'out' / 'runs'}"
 
 
@@ -161,33 +162,33 @@ def test_runs_dir_made_absolute_for_local_cluster(tmp_path):
     (["pipeline"], "http://10.0.0.5:8265"),  # remote: its filesystem is not ours
 ])
 def test_runs_dir_left_alone(args, address, tmp_path):
-    assert rc.steelworks_entrypoint(args, address, str(tmp_path)) == [
+    assert jobs.steelworks_entrypoint(args, address, str(tmp_path)) == [
         "python", "-m", "steelworks", *args]
 
 
 def test_runs_dir_absolute_in_config_left_alone(tmp_path):
     (tmp_path / "c.yaml").write_text("runs_dir: /abs/runs\n")
     args = ["pipeline", "--config", "c.yaml"]
-    assert rc.steelworks_entrypoint(args, "http://127.0.0.1:8265", str(tmp_path))[3:] == args
+    assert jobs.steelworks_entrypoint(args, "http://127.0.0.1:8265", str(tmp_path))[3:] == args
 
 
 def test_dashboard_address_precedence(monkeypatch):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert rc.dashboard_address() == "http://127.0.0.1:8265"
+    assert jobs.dashboard_address() == "http://127.0.0.1:8265"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a GCS address is not a job API URL
-    assert rc.dashboard_address() == "http://127.0.0.1:8265"
+    assert jobs.dashboard_address() == "http://127.0.0.1:8265"
     monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265")
-    assert rc.dashboard_address() == "http://10.0.0.1:8265"
+    assert jobs.dashboard_address() == "http://10.0.0.1:8265"
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.2:8265")
-    assert rc.dashboard_address() == "http://10.0.0.2:8265"
-    assert rc.dashboard_address("127.0.0.1:9000") == "http://127.0.0.1:9000"
-    assert rc.is_local_address("http://localhost:8265")
-    assert not rc.is_local_address("https://ray.example.com")
+    assert jobs.dashboard_address() == "http://10.0.0.2:8265"
+    assert jobs.dashboard_address("127.0.0.1:9000") == "http://127.0.0.1:9000"
+    assert jobs.is_local_address("http://localhost:8265")
+    assert not jobs.is_local_address("https://ray.example.com")
 
 
 def test_start_head_command():
-    cmd = rc.start_head_command(None, port=6390, dashboard_port=8275, temp_dir="/tmp/x")
+    cmd = cluster.start_head_command(None, port=6390, dashboard_port=8275, temp_dir="/tmp/x")
     assert cmd[3:5] == ["start", "--head"]
     assert {"--port=6390", "--dashboard-port=8275", "--dashboard-host=127.0.0.1",
             "--temp-dir=/tmp/x"} <= set(cmd)
@@ -200,7 +201,7 @@ def test_start_head_command():
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steelworks")
     sub = parser.add_subparsers(dest="command", required=True)
-    rc.add_cluster_commands(sub)
+    cli.add_cluster_commands(sub)
     return parser
 
 
@@ -211,7 +212,7 @@ def test_cli_submit_collects_its_options_anywhere(monkeypatch):
         seen["call"] = a
         return 0
 
-    monkeypatch.setattr(rc, "submit", fake_submit)
+    monkeypatch.setattr(cli, "submit", fake_submit)
     args = _parser().parse_args(["submit", "--env", "A=1", "pipeline", "--config", "c.yaml",
                                  "--set", "x.y=2", "--address", "http://h:8265", "--no-wait"])
     assert args.func(args) == 0
@@ -234,12 +235,12 @@ def test_cli_submit_collects_its_options_anywhere(monkeypatch):
 
 def test_cli_cluster_parses(monkeypatch):
     calls = []
-    monkeypatch.setattr(rc, "cluster_down",
+    monkeypatch.setattr(cli, "cluster_down",
                         lambda port, all_local: calls.append((port, all_local)) or 0)
     args = _parser().parse_args(["cluster", "down", "--port", "6390"])
     assert args.func(args) == 0 and calls == [(6390, False)]
     statuses = []
-    monkeypatch.setattr(rc, "cluster_status", lambda address: statuses.append(address) or 0)
+    monkeypatch.setattr(cli, "cluster_status", lambda address: statuses.append(address) or 0)
     for argv in (["cluster", "status"], ["cluster", "status", "--port", "6390"]):
         args = _parser().parse_args(argv)
         assert args.func(args) == 0
@@ -266,7 +267,7 @@ def fake_ray(monkeypatch):
     fake = _FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)
     # The real refresh would reset the config of a Ray session this process may hold.
-    monkeypatch.setattr(rc, "_enable_token_auth_in_process",
+    monkeypatch.setattr(conn, "_enable_token_auth_in_process",
                         lambda: os.environ.__setitem__("RAY_AUTH_MODE", "token"))
     for var in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_AUTH_MODE"):
         monkeypatch.delenv(var, raising=False)
@@ -274,25 +275,25 @@ def fake_ray(monkeypatch):
 
 
 def test_connect_choices(fake_ray, monkeypatch):
-    assert "local" in rc.connect(num_cpus=3)
+    assert "local" in conn.connect(num_cpus=3)
     assert fake_ray.calls[-1]["address"] == "local" and fake_ray.calls[-1]["num_cpus"] == 3
     assert os.environ["RAY_AUTH_MODE"] == "token"
-    rc.connect()
+    conn.connect()
     assert fake_ray.calls[-1]["num_cpus"] >= 4  # overcommitted on small machines
 
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    rc.connect()
+    conn.connect()
     assert fake_ray.calls[-1]["address"] == "10.0.0.1:6379"
-    rc.connect("10.0.0.9:6379")
+    conn.connect("10.0.0.9:6379")
     assert fake_ray.calls[-1]["address"] == "10.0.0.9:6379"
 
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
-    rc.connect()
+    conn.connect()
     assert fake_ray.calls[-1]["address"] == "auto"
 
-    with pytest.raises(rc.ClusterError, match="dashboard URL"):
-        rc.connect("http://127.0.0.1:8265")
+    with pytest.raises(conn.ClusterError, match="dashboard URL"):
+        conn.connect("http://127.0.0.1:8265")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -314,15 +315,15 @@ def test_cluster_up_submit_down(capfd):
     temp_dir = tempfile.mkdtemp(prefix="sw-ray-", dir="/tmp")  # short: unix socket paths
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        rc.cluster_up(2, port=port, dashboard_port=dashboard, temp_dir=temp_dir,
-                      extra_args=[f"--ray-client-server-port={client}",
-                                  f"--dashboard-agent-listen-port={agent}"])
+        cluster.cluster_up(2, port=port, dashboard_port=dashboard, temp_dir=temp_dir,
+                           extra_args=[f"--ray-client-server-port={client}",
+                                       f"--dashboard-agent-listen-port={agent}"])
         out = capfd.readouterr().out
         assert "export RAY_AUTH_MODE=token" in out and url in out
-        with pytest.raises(rc.ClusterError, match="already in use"):
-            rc.cluster_up(2, port=port, dashboard_port=dashboard, temp_dir=temp_dir)
+        with pytest.raises(conn.ClusterError, match="already in use"):
+            cluster.cluster_up(2, port=port, dashboard_port=dashboard, temp_dir=temp_dir)
 
-        code = rc.run_job(
+        code = jobs.run_job(
             ["python", "-c", "import ray, steelworks; ray.init(); "
              "print('RESOURCES', ray.cluster_resources()['CPU'])"],
             url, working_dir=str(ROOT))
@@ -331,12 +332,12 @@ def test_cluster_up_submit_down(capfd):
         assert "RESOURCES 2.0" in out
 
         # Token auth really is on: the same submission without the mode is refused.
-        cmd = rc.build_submit_command(["python", "-c", "pass"], url, str(ROOT))
+        cmd = jobs.build_submit_command(["python", "-c", "pass"], url, str(ROOT))
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
         denied = subprocess.run(cmd, env=env, capture_output=True, text=True)
         assert denied.returncode != 0
         assert "Unauthorized" in denied.stdout + denied.stderr
     finally:
-        rc.cluster_down(port, grace_s=5)
+        cluster.cluster_down(port, grace_s=5)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert rc._cluster_processes(port) == []
+    assert cluster._cluster_processes(port) == []

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steelworks.platform import ray_cluster as rc
+from steelworks.platform import cli, cluster, jobs
+from steelworks.platform import connect as conn
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_YAML = ROOT / "cluster-local.yaml"
@@ -47,7 +48,7 @@ def test_cluster_local_yaml_is_what_the_autoscaler_reads(local_cfg):
     # The monitor reads the file as is (no defaults merged: `ray up`'s defaults file for this
     # provider is not in the wheel), validates it, then hashes these fields on every update;
     # a missing one is a KeyError in the autoscaler loop, not a startup error.
-    cfg = rc.load_autoscaling_config(LOCAL_YAML)
+    cfg = cluster.load_autoscaling_config(LOCAL_YAML)
     validate_config(cfg)
     hash_runtime_conf(cfg["file_mounts"], cfg["cluster_synced_files"],
                       [cfg["worker_setup_commands"], cfg["worker_start_ray_commands"]])
@@ -71,15 +72,15 @@ def test_cluster_local_yaml_shape(local_cfg):
 
 
 def test_load_autoscaling_config_errors(tmp_path):
-    with pytest.raises(rc.ClusterError, match="ray up"):
-        rc.load_autoscaling_config(ROOT / "cluster.yaml")  # aws: not for `cluster up`
+    with pytest.raises(conn.ClusterError, match="ray up"):
+        cluster.load_autoscaling_config(ROOT / "cluster.yaml")  # aws: not for `cluster up`
     bad = tmp_path / "bad.yaml"
     bad.write_text("provider: {type: fake_multinode}\nhead_node_type: head\n"
                    "available_node_types: {ray.head.default: {resources: {CPU: 1}}}\n")
-    with pytest.raises(rc.ClusterError, match="head_node_type 'head'"):
-        rc.load_autoscaling_config(bad)
-    with pytest.raises(rc.ClusterError, match="cannot read"):
-        rc.load_autoscaling_config(tmp_path / "missing.yaml")
+    with pytest.raises(conn.ClusterError, match="head_node_type 'head'"):
+        cluster.load_autoscaling_config(bad)
+    with pytest.raises(conn.ClusterError, match="cannot read"):
+        cluster.load_autoscaling_config(tmp_path / "missing.yaml")
 
 
 # ----------------------------------------------------------------------------- command + env
@@ -87,8 +88,8 @@ def test_load_autoscaling_config_errors(tmp_path):
 
 def test_head_command_and_env_for_autoscaling(local_cfg, monkeypatch):
     head = local_cfg["available_node_types"]["ray.head.default"]["resources"]
-    cmd = rc.start_head_command(None, port=6390, dashboard_port=8290, temp_dir="/tmp/x",
-                                autoscaling_config="/tmp/x/as.yaml", head_resources=head)
+    cmd = cluster.start_head_command(None, port=6390, dashboard_port=8290, temp_dir="/tmp/x",
+                                     autoscaling_config="/tmp/x/as.yaml", head_resources=head)
     assert cmd[:5] == [sys.executable, "-m", "ray.scripts.scripts", "start", "--head"]
     assert {"--port=6390", "--dashboard-port=8290", "--dashboard-host=127.0.0.1",
             "--temp-dir=/tmp/x", "--autoscaling-config=/tmp/x/as.yaml",
@@ -96,41 +97,41 @@ def test_head_command_and_env_for_autoscaling(local_cfg, monkeypatch):
             f"--object-store-memory={head['object_store_memory']}"} <= set(cmd)
     # Exactly the config's head CPUs, never the overcommitted default on top.
     assert [a for a in cmd if a.startswith("--num-cpus")] == [f"--num-cpus={head['CPU']}"]
-    assert rc.head_resource_args({"CPU": 2, "GPU": 1, "accel": 4}) == [
+    assert cluster.head_resource_args({"CPU": 2, "GPU": 1, "accel": 4}) == [
         "--num-cpus=2", "--num-gpus=1", '--resources={"accel": 4}']
     # Without autoscaling: no autoscaler flag, and the usual CPU default.
-    plain = rc.start_head_command(None)
+    plain = cluster.start_head_command(None)
     assert not any(a.startswith("--autoscaling-config") for a in plain)
 
-    env = rc._head_env(fake_cluster=True)
+    env = cluster._head_env(fake_cluster=True)
     assert env["RAY_FAKE_CLUSTER"] == "1" and env["RAY_AUTH_MODE"] == "token"
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     monkeypatch.delenv("RAY_FAKE_CLUSTER", raising=False)
-    assert "RAY_FAKE_CLUSTER" not in rc._head_env()
+    assert "RAY_FAKE_CLUSTER" not in cluster._head_env()
 
 
 def test_resolve_fills_gcs_address_for_the_port(local_cfg):
-    out = rc.resolve_autoscaling_config(local_cfg, 6390, "10.0.0.7")
+    out = cluster.resolve_autoscaling_config(local_cfg, 6390, "10.0.0.7")
     assert out["provider"]["gcs_address"] == "10.0.0.7:6390"
     assert "gcs_address" not in local_cfg["provider"]  # a copy
     pinned = {**local_cfg, "provider": {**local_cfg["provider"], "gcs_address": "h:1"}}
-    assert rc.resolve_autoscaling_config(pinned, 6390, "x")["provider"]["gcs_address"] == "h:1"
+    assert cluster.resolve_autoscaling_config(pinned, 6390, "x")["provider"]["gcs_address"] == "h:1"
 
 
 def test_cluster_up_refuses_disagreeing_num_cpus(tmp_path):
     port, dash = _free_port(), _free_port()
-    with pytest.raises(rc.ClusterError, match="disagrees"):
-        rc.cluster_up(3, port=port, dashboard_port=dash, temp_dir=str(tmp_path),
-                      autoscaling=str(LOCAL_YAML))
+    with pytest.raises(conn.ClusterError, match="disagrees"):
+        cluster.cluster_up(3, port=port, dashboard_port=dash, temp_dir=str(tmp_path),
+                           autoscaling=str(LOCAL_YAML))
     written = yaml.safe_load((tmp_path / f"steelworks-autoscaling-{port}.yaml").read_text())
     assert written["provider"]["gcs_address"].endswith(f":{port}")
 
 
 def test_cli_cluster_up_autoscaling(monkeypatch):
     calls = []
-    monkeypatch.setattr(rc, "cluster_up", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(cli, "cluster_up", lambda *a, **kw: calls.append((a, kw)))
     parser = argparse.ArgumentParser(prog="steelworks")
-    rc.add_cluster_commands(parser.add_subparsers(dest="command", required=True))
+    cli.add_cluster_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["cluster", "up", "--autoscaling", "cluster-local.yaml",
                               "--port", "6390", "--dashboard-port", "8290",
                               "--ray-arg=--dashboard-agent-listen-port=52366"])
@@ -159,11 +160,11 @@ def test_cluster_down_stops_the_autoscaler_before_listing_nodes(monkeypatch):
     head_raylet, late_raylet = _Proc(2, "raylet", "raylet"), _Proc(3, "raylet", "raylet")
     gcs = _Proc(4, "gcs_server", "gcs_server")
     scans = iter([[monitor, head_raylet, gcs], [head_raylet, late_raylet, gcs]])
-    monkeypatch.setattr(rc, "_cluster_processes", lambda port: next(scans))
+    monkeypatch.setattr(cluster, "_cluster_processes", lambda port: next(scans))
     stopped: list[list[int]] = []
-    monkeypatch.setattr(rc, "_terminate", lambda procs, grace: stopped.append(
+    monkeypatch.setattr(cluster, "_terminate", lambda procs, grace: stopped.append(
         [p.pid for p in procs]))
-    assert rc.cluster_down(6390) == 0
+    assert cluster.cluster_down(6390) == 0
     assert stopped == [[1], [2, 3], [], [4]]  # monitor, raylets, others, GCS last
 
 
@@ -179,7 +180,7 @@ def _free_port() -> int:
 
 def _raylets(port: int) -> list[int]:
     out = []
-    for p in rc._cluster_processes(port):
+    for p in cluster._cluster_processes(port):
         try:
             if p.name() == "raylet":
                 out.append(p.pid)
@@ -237,17 +238,17 @@ def test_local_autoscaling_adds_and_removes_nodes(tmp_path, monkeypatch):
     url = f"http://127.0.0.1:{dashboard}"
     fake_raylets: set[int] = set()
     try:
-        rc.cluster_up(None, port=port, dashboard_port=dashboard, temp_dir=temp_dir,
-                      extra_args=[f"--ray-client-server-port={client}",
-                                  f"--dashboard-agent-listen-port={agent}"],
-                      autoscaling=str(cfg_path))
+        cluster.cluster_up(None, port=port, dashboard_port=dashboard, temp_dir=temp_dir,
+                           extra_args=[f"--ray-client-server-port={client}",
+                                       f"--dashboard-agent-listen-port={agent}"],
+                           autoscaling=str(cfg_path))
         (head_raylet,) = _raylets(port)
         # As `steelworks submit` sends a job to a local cluster: no working_dir package (fake
         # nodes share the head's session dir, and one joining mid-job would re-unpack it over
         # the running driver's cwd), the job run in place in its directory.
         (tmp_path / "job.py").write_text(_JOB)
-        assert rc.run_job(rc.in_place([sys.executable, "job.py"], tmp_path), url, str(tmp_path),
-                          wait=False, upload=False) == 0
+        assert jobs.run_job(jobs.in_place([sys.executable, "job.py"], tmp_path), url,
+                            str(tmp_path), wait=False, upload=False) == 0
 
         nodes = _wait("two worker nodes", lambda: (r := _raylets(port)) and len(r) == 3 and r,
                       time.monotonic() + 75)
@@ -262,9 +263,9 @@ def test_local_autoscaling_adds_and_removes_nodes(tmp_path, monkeypatch):
         (held,) = set(remaining) - {head_raylet}
         assert held in fake_raylets
     finally:
-        rc.cluster_down(port, grace_s=5)
+        cluster.cluster_down(port, grace_s=5)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert rc._cluster_processes(port) == []
+    assert cluster._cluster_processes(port) == []
     import psutil
 
     for pid in fake_raylets:  # the node the actor held was a live fake node at `down`

@@ -72,7 +72,7 @@ def predict_on_ray(model_dir: str | Path, items: Sequence[Item], subjects: Seque
                    device: str | None = None) -> list[dict[str, Any]]:
     """``predict_items`` over ``cfg.replicas`` Ray Data actors; records in ``items`` order.
 
-    Needs a connected Ray (``platform.ray_cluster.connect``)."""
+    Needs a connected Ray (``platform.connect.connect``)."""
     import ray
 
     if not items:

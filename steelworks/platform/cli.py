@@ -15,6 +15,9 @@ from typing import Any
 
 from steelworks import __version__
 from steelworks.core.config import ConfigError, load
+from steelworks.platform.cluster import cluster_down, cluster_status, cluster_up
+from steelworks.platform.connect import DEFAULT_DASHBOARD_PORT, DEFAULT_PORT, ClusterError, connect
+from steelworks.platform.jobs import submit
 from steelworks.platform.settings import PipelineConfig
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -42,8 +45,6 @@ def _load(args) -> PipelineConfig:
 
 
 def _connect(cfg: PipelineConfig) -> None:
-    from steelworks.platform.ray_cluster import connect
-
     logging.getLogger("steelworks").info("ray: %s", connect(cfg.ray.address, cfg.ray.num_cpus))
 
 
@@ -241,6 +242,136 @@ def _add_merge_command(sub: Any) -> None:
     p.set_defaults(func=cmd_merge)
 
 
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    """``steelworks cluster up|down|status`` (``cluster.py``); a :class:`ClusterError` is
+    printed as one line and exits with status 1."""
+    try:
+        if args.action == "up":
+            cluster_up(args.num_cpus, args.port, args.dashboard_port, args.temp_dir,
+                       extra_args=args.ray_arg, autoscaling=args.autoscaling)
+            return 0
+        if args.action == "down":
+            return cluster_down(args.port, all_local=args.all)
+        # A non-default --port names a cluster `ray status` cannot find by itself (Ray only
+        # records the last `ray start` of the default temp dir).
+        address = args.address or (f"127.0.0.1:{args.port}" if args.port != DEFAULT_PORT
+                                   else None)
+        return cluster_status(address)
+    except ClusterError as e:
+        print(f"steelworks: {e}", file=sys.stderr)
+        return 1
+
+
+def _split_submit_args(rest: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Pull submit's own options out of the job command: they may follow the steelworks
+    command (``submit pipeline --config x --no-wait``); after a ``--`` nothing is ours."""
+    opts: dict[str, Any] = {}
+    job: list[str] = []
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "--":
+            job += rest[i + 1:]
+            break
+        if a == "--no-wait":
+            opts["wait"] = False
+        elif a in ("--upload", "--no-upload"):
+            opts["upload"] = a == "--upload"
+        elif a in ("--address", "--working-dir", "--env") and i + 1 < len(rest):
+            opts.setdefault(a, []).append(rest[i + 1])
+            i += 1
+        elif a.split("=", 1)[0] in ("--address", "--working-dir", "--env") and "=" in a:
+            key, value = a.split("=", 1)
+            opts.setdefault(key, []).append(value)
+        else:
+            job.append(a)
+        i += 1
+    return job, opts
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    """``steelworks submit [options] COMMAND ...``: the command as a Ray job (``jobs.py``)."""
+    job, opts = _split_submit_args(list(args.job_args))
+    if not job:
+        print("steelworks: submit needs a steelworks command, e.g. "
+              "`steelworks submit pipeline --config configs/demo.yaml`", file=sys.stderr)
+        return 2
+    address = (opts.get("--address") or [args.address])[-1]
+    working_dir = (opts.get("--working-dir") or [args.working_dir])[-1]
+    env: dict[str, str] = {}
+    for item in list(args.env) + opts.get("--env", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"steelworks: --env {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        env[key] = value
+    wait = opts.get("wait", not args.no_wait)
+    upload = opts.get("upload", args.upload)
+    return submit(job, address, working_dir, wait, env, upload)
+
+
+def add_cluster_commands(subparsers: Any) -> None:
+    """Add ``cluster up|down|status`` and ``submit`` to the ``steelworks`` CLI."""
+    p = subparsers.add_parser(
+        "cluster", help="start, stop or inspect a token-protected Ray cluster on this machine",
+        description="Manage a local Ray head (`ray start --head` with RAY_AUTH_MODE=token). "
+        "`up` prints what to export for plain `ray job submit`; `down` stops only the "
+        "cluster on --port (use --all for `ray stop`, which kills every Ray process here).")
+    p.add_argument("action", choices=["up", "down", "status"], help="what to do")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs of the head (default: max(4, cores), overcommitted so "
+                   "Ray Train workers + controller + Ray Data fit on small machines)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="GCS port (default %(default)s)")
+    p.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
+                   help="dashboard / job API port, bound to 127.0.0.1 (default %(default)s)")
+    p.add_argument("--temp-dir", default=None,
+                   help="Ray's temp/session dir for `up` (default /tmp/ray)")
+    p.add_argument("--autoscaling", default=None, metavar="CONFIG",
+                   help="`up`: run Ray's autoscaler with this fake_multinode config (e.g. "
+                   "cluster-local.yaml): worker nodes are started on this machine "
+                   "when tasks wait for resources and removed when idle; the head gets the "
+                   "config's head resources")
+    p.add_argument("--ray-arg", action="append", default=[], metavar="ARG",
+                   help="`up`: pass ARG on to `ray start --head` (repeatable), e.g. "
+                   "--ray-arg=--dashboard-agent-listen-port=52366 when another cluster on this "
+                   "machine holds Ray's default ports (10001, 52365)")
+    p.add_argument("--address", default=None,
+                   help="GCS address for `status` (default: 127.0.0.1:PORT when --port is "
+                   "given, else the cluster `ray start` recorded)")
+    p.add_argument("--all", action="store_true",
+                   help="`down`: run `ray stop`, stopping EVERY Ray process on this machine")
+    p.set_defaults(func=_cmd_cluster)
+
+    p = subparsers.add_parser(
+        "submit", help="run a steelworks command as a Ray job (ray job submit, token auth)",
+        description="Run `python -m steelworks COMMAND ...` on a Ray cluster as a job, "
+        "uploading this directory (without .venv, runs, .git) to a remote cluster; a cluster "
+        "on this machine shares its disk, so there the job runs in place (--upload/--no-upload "
+        "override). On a local cluster the job's runs_dir is made absolute so outputs land in "
+        "./runs. Example: "
+        "steelworks submit pipeline --config configs/demo.yaml --set pretrain.max_steps=20",
+        epilog="--address/--working-dir/--env/--no-wait/--upload/--no-upload may also follow the "
+        "command; put the "
+        "command after `--` to pass such options through to it unchanged.")
+    p.add_argument("--address", default=None,
+                   help="dashboard URL (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS if a "
+                   f"URL, else http://127.0.0.1:{DEFAULT_DASHBOARD_PORT})")
+    p.add_argument("--working-dir", default=".", help="the job's cwd: uploaded, or used in place "
+                   "on a cluster that shares this disk")
+    p.add_argument("--upload", dest="upload", action="store_true", default=None,
+                   help="ship --working-dir as the job's package (default for a remote address)")
+    p.add_argument("--no-upload", dest="upload", action="store_false",
+                   help="run in --working-dir in place: the cluster shares this disk (default for "
+                   "a local address, e.g. cluster-local.yaml's fake nodes)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job (repeatable)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return after submitting instead of streaming the job's log")
+    p.add_argument("job_args", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                   help="the steelworks command to run, e.g. pipeline --config FILE")
+    p.set_defaults(func=_cmd_submit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="steelworks",
@@ -282,8 +413,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "or dpo/hf when the config's stages include dpo)")
     p.set_defaults(func=cmd_serve)
     _add_merge_command(sub)
-    from steelworks.platform.ray_cluster import add_cluster_commands
-
     add_cluster_commands(sub)
     return parser
 

@@ -4,7 +4,7 @@ Each ``run_<stage>`` opens ``runs/<run>/<stage>/`` with what the stage reads (in
 recipe files, raw inputs, a tokenizer or benchmark directory), returns early when the stage is
 current (same config, same content read, outputs intact: ``steelworks.core.rundir``),
 otherwise does the work (on Ray) and writes the manifest last. The driver only gathers config
-and launches (DESIGN principle 8).
+and launches (docs/architecture.md, principle 8).
 """
 
 from __future__ import annotations
@@ -414,7 +414,7 @@ def eval_uses_ray(cfg: PipelineConfig) -> bool:
     (both call ``predict_items``), without the seconds Ray spends starting itself, an actor
     that imports torch again, and Ray Data's planning; and that replica would get
     ``cpus_per_replica`` torch threads instead of every core."""
-    from steelworks.platform.ray_cluster import cluster_attached
+    from steelworks.platform.connect import cluster_attached
 
     return cfg.eval.replicas > 1 or cluster_attached(cfg.ray.address)
 
