@@ -21,6 +21,7 @@ import torch
 from test_train import _losses, _run_in_subprocess
 
 from steelworks.core.config import ConfigError, from_dict, load, to_dict
+from steelworks.core.faults import fault
 from steelworks.data.preference import PreferenceError, encode_answer, read_preferences
 from steelworks.data.tokenizer import load_tokenizer
 from steelworks.platform.settings import PipelineConfig
@@ -226,7 +227,7 @@ def test_dpo_kill_and_resume_gives_identical_losses(dpo_data, dpo_run, tmp_path)
     straight, _ = dpo_run
     broken = tmp_path / "broken"
     job, _ = _job(dpo_data, broken, ckpt_every=8)
-    code = _run_in_subprocess({**job, "fault": {"phase": "step", "step": 11, "marker": str(tmp_path / "m")}})
+    code = _run_in_subprocess({**job, "faults": [fault("train.step", str(tmp_path / "m"), step=11)]})
     assert code == 17 and (broken / "checkpoints" / "step_00000008").is_dir()
     assert _run_in_subprocess(job) == 0
     assert _losses(broken) == _losses(straight)

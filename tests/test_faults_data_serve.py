@@ -1,8 +1,9 @@
 """Worker faults on Ray Data and Ray Serve: a filtering worker and a serving replica killed.
 
 1. A Ray Data worker dies (``os._exit``, no cleanup) while it applies the quality filters.
-   The hook is ``steelworks.data.clean.FAULT_ENV``: the driver reads the variable and hands
-   the marker path to the filtering tasks as an argument, so it works on the session's
+   The fault is ``core.faults``' ``data.clean`` point, armed in the driver's environment by
+   the ``inject_faults`` fixture: the driver reads it and hands it to the filtering tasks as
+   an argument, so it works on the session's
    already-running local cluster, whose workers never see an env var set now. Ray Data
    submits map tasks with ``max_retries=-1`` and ``RaySystemError`` among the retried
    exceptions (ray/data/_internal/remote_fn.py, ``cached_remote_fn``; task_pool_map_operator
@@ -133,10 +134,10 @@ def _ray_record_of_fault(pid: int, wait_s: float = 20.0) -> tuple[dict, list[dic
         time.sleep(0.5)
 
 
-def test_killed_data_worker_changes_no_output(ray_local, tmp_path, monkeypatch):
+def test_killed_data_worker_changes_no_output(ray_local, tmp_path, inject_faults):
     import psutil
 
-    from steelworks.data.clean import FAULT_ENV
+    from steelworks.core.faults import fault
     from steelworks.platform.pipeline import run_data
 
     corpus = _corpus(tmp_path / "corpus")
@@ -146,14 +147,14 @@ def test_killed_data_worker_changes_no_output(ray_local, tmp_path, monkeypatch):
     clean = run_data(clean_cfg)
     t1 = time.monotonic()
     marker = tmp_path / "fault.marker"
-    monkeypatch.setenv(FAULT_ENV, str(marker))
+    inject_faults(fault("data.clean", marker))
     faulted = run_data(faulted_cfg)
     print(f"data stage: clean run {t1 - t0:.1f} s, faulted run {time.monotonic() - t1:.1f} s")
 
     # The hook fired, in a Ray worker (in this process it would have ended pytest), and that
     # worker is gone: the data came out of a retried task.
     assert marker.exists(), "the fault hook never ran: is the filtering still in apply_recipe?"
-    pid = int(marker.read_text())
+    pid = int(marker.read_text().split()[0])
     assert pid != os.getpid() and not psutil.pid_exists(pid)
     # Ray saw it too: the worker exited with a system error, the task's first attempt failed
     # with WORKER_DIED, and a later attempt of the same task finished.

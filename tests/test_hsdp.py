@@ -15,6 +15,7 @@ import pytest
 from test_train import _job, _losses, _run_in_subprocess, demo_data  # noqa: F401 (a fixture)
 
 from steelworks.core.config import ConfigError, load
+from steelworks.core.faults import fault
 from steelworks.platform.settings import PipelineConfig
 from steelworks.train.driver import run_training
 
@@ -29,7 +30,7 @@ def test_hsdp_2x2_equals_one_process_and_its_checkpoint_resumes_in_one(demo_data
     job, _ = _job(demo_data, hsdp, micro_batch_size=2, ckpt_every=3, max_steps=6, num_workers=4,
                   parallel={"replicate": 2, "shard": 2})
     # Killed after step 4 (rank 0 dies; torchrun stops the others): step 3's checkpoint stays.
-    job["fault"] = {"phase": "step", "step": 4, "marker": str(tmp_path / "m")}
+    job["faults"] = [fault("train.step", str(tmp_path / "m"), step=4)]
     path = hsdp / "job.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(job))
@@ -40,7 +41,7 @@ def test_hsdp_2x2_equals_one_process_and_its_checkpoint_resumes_in_one(demo_data
     assert "HSDP: 2 replica group(s) of 2 shard rank(s)" in proc.stderr
     np.testing.assert_allclose(_losses(hsdp)[:3], _losses(straight)[:3], rtol=2e-4)
     # The same run resumed by one process (no mesh at all): the 2 x 2 checkpoint is resharded.
-    del job["fault"]
+    del job["faults"]
     job["train"].update(micro_batch_size=8, num_workers=1, parallel={"replicate": 1, "shard": None})
     assert _run_in_subprocess(job) == 0
     np.testing.assert_allclose(_losses(hsdp), _losses(straight), rtol=2e-4)

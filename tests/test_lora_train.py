@@ -17,6 +17,7 @@ import torch
 from test_train import _losses, _run_in_subprocess, _write_sft
 
 from steelworks.core.config import ConfigError, from_dict, load, to_dict
+from steelworks.core.faults import fault
 from steelworks.data.tokenizer import load_tokenizer
 from steelworks.train.config import LoraTrainConfig, TrainConfig
 from steelworks.train.driver import run_training
@@ -162,7 +163,7 @@ def test_kill_and_resume_gives_identical_losses(lora_data, lora_run, tmp_path):
     straight, _ = lora_run
     broken = tmp_path / "broken"
     job, _ = _job(lora_data, broken, ckpt_every=4)
-    code = _run_in_subprocess({**job, "fault": {"phase": "step", "step": 6, "marker": str(tmp_path / "m")}})
+    code = _run_in_subprocess({**job, "faults": [fault("train.step", str(tmp_path / "m"), step=6)]})
     assert code == 17 and (broken / "checkpoints" / "step_00000004").is_dir()
     assert not (broken / "checkpoints" / "step_00000008").exists()
     assert _run_in_subprocess(job) == 0

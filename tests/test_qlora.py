@@ -15,6 +15,7 @@ from test_lora_train import _job, _safetensors, lora_data  # noqa: F401 (a fixtu
 from test_train import _losses, _run_in_subprocess
 
 from steelworks.core.config import ConfigError
+from steelworks.core.faults import fault
 from steelworks.train.driver import run_training
 from steelworks.train.lora import PEFT_PREFIX, PROJECTIONS
 
@@ -100,7 +101,7 @@ def test_qlora_kill_and_resume_gives_identical_losses(lora_data, qlora_run, tmp_
     straight, _ = qlora_run
     broken = tmp_path / "broken"
     job, _ = _job(lora_data, broken, ckpt_every=4, lora=dict(QLORA))
-    code = _run_in_subprocess({**job, "fault": {"phase": "step", "step": 6, "marker": str(tmp_path / "m")}})
+    code = _run_in_subprocess({**job, "faults": [fault("train.step", str(tmp_path / "m"), step=6)]})
     assert code == 17 and (broken / "checkpoints" / "step_00000004").is_dir()
     assert _run_in_subprocess(job) == 0
     assert _losses(broken) == _losses(straight)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from test_train import _job, _losses, _run_in_subprocess, demo_data  # noqa: F401  (a fixture)
 
+from steelworks.core.faults import fault
 from steelworks.core.rundir import MANIFEST, Stage, StageInputError, stage_path
 from steelworks.core.storage import Remote, is_uri, mirror_root
 
@@ -109,8 +110,8 @@ def test_killed_training_resumes_from_the_bucket_on_a_new_node(demo_data, s3_buc
     broken = tmp_path / "broken"
     job, cfg = _job(demo_data, broken, ckpt_every=4, keep_last=1)
     job["remote_dir"] = f"{s3_bucket}/runs/r/pretrain"
-    fault = {"phase": "step", "step": 6, "marker": str(tmp_path / "killed")}
-    assert _run_in_subprocess({**job, "fault": fault}) == 17
+    armed = [fault("train.step", str(tmp_path / "killed"), step=6)]
+    assert _run_in_subprocess({**job, "faults": armed}) == 17
     remote = Remote(job["remote_dir"])
     assert latest_remote_checkpoint(remote.child("checkpoints")) == "step_00000004"
     # the metrics log is uploaded with each checkpoint: it covers steps 1-4
@@ -149,7 +150,7 @@ def test_ray_restart_after_a_killed_worker_resumes_from_the_bucket(demo_data, s3
     two = tmp_path / "two"
     job, cfg = _job(demo_data, two, micro_batch_size=2, num_workers=2, ckpt_every=4, max_failures=1)
     job["remote_dir"] = f"{s3_bucket}/runs/r/pretrain"
-    job["fault"] = {"phase": "step", "step": 6, "rank": 1, "marker": str(tmp_path / "killed")}
+    job["faults"] = [fault("train.step", str(tmp_path / "killed"), step=6, rank=1)]
     summary = run_training(job, cfg, use_ray=True)
     assert (tmp_path / "killed").exists() and summary["final_step"] == 12
     np = pytest.importorskip("numpy")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from steelworks.core.faults import fault
 from steelworks.data.shards import ShardIndex, token_dtype, write_shard
 from steelworks.data.tokenizer import load_tokenizer
 from steelworks.train.config import TrainConfig
@@ -111,7 +112,7 @@ def test_stop_and_resume_gives_identical_losses(demo_data, tmp_path):
     # the checkpoint at step 4.
     broken = tmp_path / "broken"
     job, cfg = _job(demo_data, broken, ckpt_every=4)
-    code = _run_in_subprocess({**job, "fault": {"phase": "step", "step": 6, "marker": str(tmp_path / "m1")}})
+    code = _run_in_subprocess({**job, "faults": [fault("train.step", str(tmp_path / "m1"), step=6)]})
     assert code == 17 and (broken / "checkpoints" / "step_00000004").is_dir()
     run_training(job, cfg, use_ray=False)
     a, b = _losses(straight), _losses(broken)
@@ -123,7 +124,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(demo_data, tmp_path):
     from steelworks.train.checkpoint import latest_checkpoint
 
     job, cfg = _job(demo_data, tmp_path, ckpt_every=4)
-    code = _run_in_subprocess({**job, "fault": {"phase": "save", "step": 8, "marker": str(tmp_path / "m")}})
+    code = _run_in_subprocess({**job, "faults": [fault("train.save", str(tmp_path / "m"), step=8)]})
     assert code == 17
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "step_00000008.tmp").is_dir(), "the crash happened mid-save"
@@ -145,8 +146,8 @@ def test_async_save_killed_in_flight_resumes_from_the_previous_checkpoint(demo_d
     run_training(job, cfg, use_ray=False)
     broken = tmp_path / "broken"
     job, cfg = _job(demo_data, broken, ckpt_every=4, async_checkpoint=True)
-    fault = {"phase": "save_inflight", "step": 8, "marker": str(tmp_path / "m")}
-    assert _run_in_subprocess({**job, "fault": fault}) == 17
+    armed = [fault("train.save_inflight", str(tmp_path / "m"), step=8)]
+    assert _run_in_subprocess({**job, "faults": armed}) == 17
     ckpts = broken / "checkpoints"
     assert (ckpts / "step_00000008.tmp").is_dir() and not (ckpts / "step_00000008").exists()
     assert latest_checkpoint(ckpts).name == "step_00000004"
@@ -341,8 +342,8 @@ def test_ray_two_workers_match_one_process_and_survive_a_killed_worker(demo_data
     # Then rank 0 dies right after renaming the step-8 checkpoint, before reporting it: the
     # restarted group resumes from it and reports it, so Ray prunes it like the others.
     orphan = tmp_path / "orphan"
-    job["fault"] = [{"phase": "step", "step": 6, "rank": 1, "marker": str(marker)},
-                    {"phase": "committed", "step": 8, "rank": 0, "marker": str(orphan)}]
+    job["faults"] = [fault("train.step", str(marker), step=6, rank=1),
+                    fault("train.committed", str(orphan), step=8, rank=0)]
     summary = run_training(job, cfg, use_ray=True)
     assert marker.exists() and orphan.exists(), "the workers were killed"
     assert summary["final_step"] == 12 and summary["world_size"] == 2
@@ -392,7 +393,7 @@ def test_torchrun_two_ranks_resume_a_one_process_checkpoint(demo_data, tmp_path)
     run_training(job, cfg, use_ray=False)
     mixed = tmp_path / "mixed"
     job, cfg = _job(demo_data, mixed, micro_batch_size=4, ckpt_every=4, max_steps=8)
-    assert _run_in_subprocess({**job, "fault": {"phase": "step", "step": 5, "marker": str(tmp_path / "m")}}) == 17
+    assert _run_in_subprocess({**job, "faults": [fault("train.step", str(tmp_path / "m"), step=5)]}) == 17
     job["train"]["micro_batch_size"] = 2  # same global batch over 2 ranks
     job["train"]["async_checkpoint"] = True  # the background writer on its own gloo group
     path = mixed / "job2.json"

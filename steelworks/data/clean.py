@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +26,13 @@ import numpy as np
 import pandas as pd
 from ray.data.expressions import col
 
+from steelworks.core import faults
 from steelworks.core.storage import Remote, uri_of
 from steelworks.data.config import DataConfig, SourceConfig
 
 KEPT, DUPLICATE, QUARANTINED = "kept", "duplicate", "quarantined"
 CLEAN_COLUMNS = ["source", "path", "line", "text"]
 SFT_COLUMNS = ["source", "path", "line", "messages", "task_type"]
-# Test hook (tests/test_faults_data_serve.py): set to a marker file path in the *driver's*
-# environment, it makes the first filtering task that runs create the marker and kill its
-# own worker process (``os._exit``, no cleanup), as an OOM kill or a lost node would; Ray
-# Data then retries the task. The driver reads it and hands it to the tasks as an argument
-# because a Ray worker's environment is the raylet's, fixed when the cluster started (a test
-# sharing an already-running local cluster could not reach the workers otherwise). Unset:
-# nothing changes.
-FAULT_ENV = "STEELWORKS_FAULT_DATA"
 # Rows per parquet row group of the written shards: ~32 MB of typical 4 KB documents, what
 # a reader holds at once (Arrow's default cap is 1Mi rows).
 PARQUET_ROW_GROUP_ROWS = 8192
@@ -81,27 +73,12 @@ def files_read(cfg: DataConfig) -> tuple[list[Path], list[str]]:
     return recipes, [f for s in raw_sources for f in expand_paths(s.path, s.format)]
 
 
-def _fault(marker: str | None) -> None:
-    """Test hook (see ``FAULT_ENV``): die once, in whichever worker gets here first. The
-    marker is created exclusively (O_EXCL), so of several tasks running at once exactly one
-    dies, and the retried task (or any later one) goes through."""
-    if not marker:
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.write(fd, f"{os.getpid()}\n".encode())  # the test checks this process is gone
-    os.close(fd)
-    os._exit(17)
-
-
 def apply_recipe(batch: pd.DataFrame, recipe, stat_columns: list[str], dedup_shards: int,
-                 fault_marker: str | None = None) -> pd.DataFrame:
+                 armed: list[dict] | None = None) -> pd.DataFrame:
     """Ray Data batch function: normalize + filter with one recipe, then hash for dedup.
     Every recipe's stat columns are present (NaN where another recipe applies), so the
     datasets of sources with different recipes can be unioned."""
-    _fault(fault_marker)
+    faults.fire(armed, "data.clean")  # tests only: a worker killed mid-task (core.faults)
     batch = recipe.apply_batch(batch)
     for name in stat_columns:
         if name not in batch:
@@ -179,7 +156,9 @@ def read_and_filter(src: SourceConfig, recipe, stat_columns: list[str], dedup_sh
     return read_source(src, block_bytes, _str(counts_dir)).map_batches(
         apply_recipe, batch_format="pandas", batch_size=RECIPE_BATCH_ROWS,
         fn_kwargs={"recipe": recipe, "stat_columns": stat_columns, "dedup_shards": dedup_shards,
-                   "fault_marker": os.environ.get(FAULT_ENV)})
+                   # Read here, in the driver: a Ray worker's environment is the raylet's,
+                   # fixed when the cluster started, so the tasks get the faults as an argument.
+                   "armed": faults.from_env()})
 
 
 def clean_text(cfg: DataConfig, sources: list[SourceConfig], partitions: int,

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from steelworks.core import faults
 from steelworks.core.config import ConfigError, from_dict
 from steelworks.train.checkpoint import (
     AsyncCheckpointer,
@@ -116,24 +117,6 @@ def _sample_index(batch: Batch) -> torch.Tensor:
 
 def _num_samples(batch: Batch) -> int:
     return int(torch.unique(_sample_index(batch)).gt(0).sum())
-
-
-def _fault(job: dict[str, Any], phase: str, step: int, rank: int) -> None:
-    """Test hook: die like a killed process (no cleanup) once, at a given step and phase.
-
-    ``job["fault"] = {"phase", "step": N, "rank": R, "marker": path}`` (or a list of them).
-    Phases: ``step`` (after the optimizer step), ``save_inflight`` (an async save's write in
-    flight), ``save`` (written, not yet renamed), ``committed`` (renamed, not yet reported to
-    Ray). The marker file makes each fire only once, so a restarted run goes through."""
-    faults = job.get("fault") or []
-    for f in faults if isinstance(faults, list) else [faults]:
-        if f["phase"] != phase or f["step"] != step or f.get("rank", 0) != rank:
-            continue
-        marker = Path(f["marker"])
-        if marker.exists():
-            continue
-        marker.write_text(f"{phase} at step {step} on rank {rank}\n")
-        os._exit(17)
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -281,14 +264,16 @@ def _save(job: dict[str, Any], step: int, rank: int, model, optimizer, extra: di
           last_step: bool) -> list[Path]:
     """Save step ``step`` (in the background with ``checkpointer``); -> the checkpoints
     committed by this call (an async save commits the previous one, the last step waits)."""
-    hooks = {"before_commit": functools.partial(_fault, job, "save", step, rank),
-             "after_commit": functools.partial(_fault, job, "committed", step, rank)}
+    # Tests only (core.faults): the process killed mid-save, before or after the commit.
+    armed = job.get("faults")
+    hooks = {"before_commit": functools.partial(faults.fire, armed, "train.save", step=step, rank=rank),
+             "after_commit": functools.partial(faults.fire, armed, "train.committed", step=step, rank=rank)}
     if checkpointer is None:
         saved = [save_checkpoint(ckpt_dir, step, model, optimizer, extra, keep_last=keep_last,
                                  remote=checkpoints_remote(job), **hooks)]
     else:
         saved = []
-        inflight = functools.partial(_fault, job, "save_inflight", step, rank)
+        inflight = functools.partial(faults.fire, armed, "train.save_inflight", step=step, rank=rank)
         if (done := checkpointer.save(step, model, optimizer, extra, after_launch=inflight, **hooks)):
             saved.append(done)
         if last_step and (done := checkpointer.wait()) is not None:
@@ -456,7 +441,7 @@ def _train_loop(job: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
-        _fault(job, "step", step, rank)
+        faults.fire(job.get("faults"), "train.step", step=step, rank=rank)  # tests only
         window.add(part_sum, denom, sum(b.input_ids.numel() for b in micro) * world, stats)
         if progress is not None:
             progress.update(1)
