@@ -20,9 +20,9 @@ from steelworks.data.demo_corpus import (
     DEMO_SUBJECTS,
     EXAM_COLUMNS,
     LETTERS,
-    format_exam_prompt,
     generate,
 )
+from steelworks.data.exam_prompt import build_prompt, zero_shot_prompt
 
 SMALL = dict(num_entities=12, pretrain_renderings=10, sft_questions_per_fact=2,
              sft_exam_per_fact=2, self_cognition_samples=24, dev_per_subject=2, val_per_subject=2,
@@ -209,19 +209,22 @@ def test_self_cognition_names_model_and_author(corpus):
     assert any(r["messages"][0]["content"] in _SELF_EN + _SELF_EN_CREATOR for r in samples)
 
 
-def test_format_exam_prompt_is_the_ceval_layout():
+def test_exam_prompt_is_the_ceval_layout():
     opts = {"A": "甲", "B": "乙", "C": "丙", "D": "丁"}
-    assert format_exam_prompt("虚构地理", "问题？", opts) == (
+    assert zero_shot_prompt("虚构地理", "问题？", opts) == (
         "以下是中国关于虚构地理考试的单项选择题，请选出其中的正确答案。\n\n问题？\n"
         "A. 甲\nB. 乙\nC. 丙\nD. 丁\n答案：")
     with pytest.raises(ValueError, match="A, B, C, D"):
-        format_exam_prompt("x", "q", {"A": "1", "B": "2", "C": "3"})
-    # The eval stage builds the same zero-shot text, or the SFT model meets a new format.
-    prompts = pytest.importorskip("steelworks.evals.prompts")
-    from steelworks.data.benchmarks import Item
+        zero_shot_prompt("x", "q", {"A": "1", "B": "2", "C": "3"})
+    # The eval stage builds the same zero-shot text from a benchmark item, or the SFT model
+    # meets a new format.
+    from steelworks.data.benchmarks import Item, Subject
+    from steelworks.evals.prompts import item_prompts
 
     item = Item("s", "0", "问题？", opts, "A", "", "f.csv", 2)
-    assert prompts.build_prompt("虚构地理", item) == format_exam_prompt("虚构地理", "问题？", opts)
+    assert build_prompt("虚构地理", item) == zero_shot_prompt("虚构地理", "问题？", opts)
+    subject = Subject("s", "s", "虚构地理", "STEM")
+    assert item_prompts([item], [subject], 0) == [zero_shot_prompt("虚构地理", "问题？", opts)]
 
 
 def test_sft_exam_letter_answers(tmp_path):
@@ -251,7 +254,7 @@ def test_sft_exam_items_use_the_exam_prompt(corpus, world):
         zh = head.removeprefix("以下是中国关于").removesuffix("考试的单项选择题，请选出其中的正确答案。")
         assert zh in subject_zh and cue == "答案："
         options = {line[0]: line[3:] for line in option_lines}
-        assert prompt == format_exam_prompt(zh, question, options)
+        assert prompt == zero_shot_prompt(zh, question, options)
         # The default answers with the option's text; resolve it to its letter.
         assert answer in options.values()
         answer = next(k for k, v in options.items() if v == answer)

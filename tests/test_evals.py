@@ -17,12 +17,13 @@ from steelworks.data.benchmarks import (
     Subject,
     load_ceval_layout,
 )
+from steelworks.data.exam_prompt import build_prompt, format_question
 from steelworks.evals import scoring
 from steelworks.evals.config import EvalConfig
-from steelworks.evals.prompts import build_prompt, chat_prompt, format_question
+from steelworks.evals.prompts import chat_prompt, select_shots
 from steelworks.evals.report import aggregate, write_report
 from steelworks.evals.runner import evaluate_model_dir, load_items
-from steelworks.evals.scoring import build_requests, predict, score_continuations, select_shots
+from steelworks.evals.scoring import build_requests, predict, score_continuations
 
 HEADER = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
 MAPPING = {

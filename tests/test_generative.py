@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from steelworks.data.benchmarks import Item, Subject
+from steelworks.data.exam_prompt import build_prompt
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.extract import RULES, extract_answer
 from steelworks.evals.generative import (
@@ -18,7 +19,6 @@ from steelworks.evals.generative import (
     predict_generative,
     unparseable_summary,
 )
-from steelworks.evals.prompts import build_prompt
 from steelworks.evals.report import aggregate
 from steelworks.inference.engine import Engine
 from steelworks.inference.sampling import SamplingParams

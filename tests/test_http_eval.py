@@ -13,9 +13,9 @@ import pytest
 from conftest import uvicorn_in_thread
 
 from steelworks.data.benchmarks import Item, Subject, load_ceval_layout
+from steelworks.data.exam_prompt import build_prompt
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.http_backend import HTTPEvalError, predict_http
-from steelworks.evals.prompts import build_prompt
 from steelworks.evals.scoring import predict
 from steelworks.inference.engine import Engine
 from steelworks.serve.app import build_app

@@ -22,10 +22,10 @@ from conftest import cmmlu_dir
 from test_evals import DEV, HEADER, MAPPING, VAL, _write_csv
 
 from steelworks.data.benchmarks import LETTERS
+from steelworks.data.exam_prompt import HEADER as PROMPT_HEADER
+from steelworks.data.exam_prompt import build_prompt
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.lmeval_tasks import lmeval_predictions, write_lmeval_tasks
-from steelworks.evals.prompts import HEADER as PROMPT_HEADER
-from steelworks.evals.prompts import build_prompt
 from steelworks.evals.runner import evaluate, load_items
 from steelworks.evals.scoring import build_requests
 

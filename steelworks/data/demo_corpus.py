@@ -29,14 +29,14 @@ string. Distractors are other values of the same attribute; the correct letter i
 over A-D per subject and split. The tables themselves (templates, value sets, name parts,
 fillers, self-cognition texts, junk lines) live in ``steelworks.data.demo_templates``.
 
-The exam prompt (``format_exam_prompt``) is the standard C-Eval zero-shot layout, exactly::
+The exam prompt (``data.exam_prompt.zero_shot_prompt``) is the standard C-Eval zero-shot layout::
 
     以下是中国关于{subject_zh}考试的单项选择题，请选出其中的正确答案。\\n\\n{question}\\n
     A. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\n答案：
 
 (one string: header, blank line, question, the four lettered options, the answer cue).
 SFT exam items use it verbatim as the user turn with the bare letter as the assistant turn,
-the same text ``steelworks.evals.prompts.build_prompt`` produces zero-shot.
+the same builder every eval backend uses.
 
 Same config -> byte-identical files: every random choice comes from ``random.Random`` streams
 seeded by ``(seed, purpose)`` strings (stable across processes), iteration is over lists in
@@ -82,27 +82,17 @@ from steelworks.data.demo_templates import (
     _ZH_SPECIES_SUFFIX,
     _ZH_SURNAMES,
     _ZH_WRAPPERS,
-    ANSWER_CUE,
     ATTRIBUTE_BY_KEY,
     ATTRIBUTES,
     DEMO_SUBJECTS,
     EXAM_COLUMNS,
-    EXAM_HEADER,
     JUNK_LINES,
     JUNK_MAX_CHARS,
     KINDS,
     LETTERS,
     Attribute,
 )
-
-
-def format_exam_prompt(subject_zh: str, question: str, options: dict[str, str]) -> str:
-    """The C-Eval zero-shot prompt: header, blank line, question, options A-D, ``答案：``."""
-    if sorted(options) != list(LETTERS):
-        raise ValueError(f"options must have exactly the keys A, B, C, D; got {sorted(options)}")
-    lines = [EXAM_HEADER.format(subject_zh=subject_zh), "", question]
-    lines += [f"{letter}. {options[letter]}" for letter in LETTERS]
-    return "\n".join(lines) + "\n" + ANSWER_CUE
+from steelworks.data.exam_prompt import zero_shot_prompt
 
 
 @dataclass(frozen=True)
@@ -354,7 +344,7 @@ def _sft_samples(cfg: DemoCorpusConfig, entities: list[Entity], facts: list[Fact
         attr = ATTRIBUTE_BY_KEY[fact.attribute]
         question = _render(attr.practice[(k + rng.randrange(len(attr.practice))) % len(attr.practice)], fact, "zh")
         options = _options(rng, fact, value_set(attr, entities), positions[n])
-        prompt = format_exam_prompt(DEMO_SUBJECTS[attr.subject][1], question, options)
+        prompt = zero_shot_prompt(DEMO_SUBJECTS[attr.subject][1], question, options)
         letter = LETTERS[positions[n]]
         add("exam", prompt, options[letter] if cfg.sft_exam_answer == "option" else letter)
     for _ in range(cfg.self_cognition_samples):

@@ -1,7 +1,7 @@
 """The phrasing tables of the demo world: every template, value list and fixed text.
 
 ``steelworks.data.demo_corpus`` (the generator) draws everything it writes from here: the
-exam layout constants (``LETTERS``, ``EXAM_COLUMNS``, ``EXAM_HEADER``, ``ANSWER_CUE``), the
+exam layout constants (``LETTERS``, ``EXAM_COLUMNS``; the prompt is ``data.exam_prompt``), the
 subjects (``DEMO_SUBJECTS``), the entity kinds, one ``Attribute`` per fact type with its closed
 value set and its four template families, the parts invented names are built from, the
 wrappers and filler sentences of pretraining documents, the self-cognition questions and
@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
 EXAM_COLUMNS: tuple[str, ...] = ("id", "question", "A", "B", "C", "D", "answer", "explanation")
-EXAM_HEADER = "以下是中国关于{subject_zh}考试的单项选择题，请选出其中的正确答案。"
-ANSWER_CUE = "答案："
 # The data stage's default ``min_chars`` is 5: planted junk lines are at most this long.
 JUNK_MAX_CHARS = 4
 

@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 from steelworks.data.benchmarks import Item, Subject
 from steelworks.evals.config import EvalConfig
 from steelworks.evals.extract import RULE_UNPARSEABLE, RULES, extract_answer
-from steelworks.evals.prompts import build_prompt
-from steelworks.evals.scoring import select_shots
+from steelworks.evals.prompts import item_prompts
 from steelworks.inference.sampling import SamplingParams
 
 # Base (non-chat) prompts end "答案：" and every shot ends "答案：X\n\n": after its answer a
@@ -54,19 +53,9 @@ def build_prompt_ids(
     shots: Mapping[str, Sequence[Item]] | None = None,
 ) -> list[list[int]]:
     """Token ids of each item's prompt: scoring.predict's text, as one chat turn if cfg.chat."""
-    by_name = {s.name: s for s in subjects}
-    out = []
-    for item in items:
-        if item.subject not in by_name:
-            raise ValueError(f"{item.source}:{item.line}: subject {item.subject!r} not in subjects")
-        pool = (shots or {}).get(item.subject, [])
-        prompt = build_prompt(by_name[item.subject].name_zh, item, select_shots(item, pool, cfg.num_shots))
-        if cfg.chat:
-            # The same template chat_prompt renders for the log-likelihood path.
-            out.append(engine.encode_chat([{"role": "user", "content": prompt}]))
-        else:
-            out.append(engine.encode(prompt))
-    return out
+    # The same template chat_prompt renders for the log-likelihood path.
+    return [engine.encode_chat([{"role": "user", "content": p}]) if cfg.chat else engine.encode(p)
+            for p in item_prompts(items, subjects, cfg.num_shots, shots)]
 
 
 def _record(item: Item, reply: str) -> dict[str, Any]:

@@ -77,7 +77,7 @@ from steelworks.data.benchmarks import (
     detect_layout,
     load_subject_mapping,
 )
-from steelworks.evals.prompts import ANSWER_CUE, HEADER
+from steelworks.data.exam_prompt import ANSWER_CUE, HEADER
 
 # Column names as pandas reads the header: CMMLU's unnamed index column becomes "Unnamed: 0".
 _COLUMNS = {

@@ -1,49 +1,46 @@
-"""Prompt text for multiple-choice benchmarks, in the standard C-Eval layout.
+"""Each benchmark item's prompt, the one place every eval backend builds it: the exam text
+(``data.exam_prompt``, the layout the SFT data teaches) with its shots, then, for chat models,
+wrapped in the tokenizer's chat template as one user turn.
 
-Zero-shot, a prompt is exactly::
-
-    以下是中国关于{subject_zh}考试的单项选择题，请选出其中的正确答案。\\n\\n
-    {question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\n答案：
-
-(one string; the line breaks above are the ``\\n`` shown).  k-shot inserts k answered
-examples, each ``{question}\\nA. ..\\nD. {D}\\n答案：{letter}\\n\\n``, between the header and
-the question.  The demo corpus's SFT exam items use exactly the zero-shot text as the user
-message and the bare letter as the assistant message, so do not change a character here
-without changing the corpus builder too: the SFT model is scored on the format it learnt.
+``item_prompts`` gives the text; the log-likelihood and HTTP backends wrap it with
+``chat_prompt`` and tokenize, the generative backend hands it to the engine's chat encoder
+(the same template). Shots are C-Eval's fixed dev items (``select_shots``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from steelworks.data.benchmarks import LETTERS, Item
-
-HEADER = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"
-ANSWER_CUE = "答案："
+from steelworks.data.benchmarks import Item, Subject
+from steelworks.data.exam_prompt import build_prompt
 
 
-def format_question(item: Item, include_answer: bool) -> str:
-    """The question, its four lettered options and the answer cue (plus the answer for shots)."""
-    text = item.question + "\n"
-    text += "".join(f"{letter}. {item.options[letter]}\n" for letter in LETTERS)
-    text += ANSWER_CUE
-    if include_answer:
-        if item.answer is None:
-            raise ValueError(
-                f"{item.source}:{item.line}: item {item.id!r} has no answer and cannot be a shot"
-            )
-        text += f"{item.answer}\n\n"
-    return text
+def select_shots(item: Item, pool: Sequence[Item], num_shots: int) -> list[Item]:
+    """The first ``num_shots`` of ``pool`` (C-Eval's fixed dev shots), never the item itself."""
+    if num_shots == 0:
+        return []
+    candidates = [s for s in pool if not (s.source == item.source and s.id == item.id)]
+    if len(candidates) < num_shots:
+        raise ValueError(
+            f"subject {item.subject!r}: {num_shots} shots requested but only "
+            f"{len(candidates)} dev item(s) available"
+        )
+    return candidates[:num_shots]
 
 
-def build_prompt(subject_zh: str, item: Item, shots: Sequence[Item] = ()) -> str:
-    """Header + answered shots + the unanswered question (ends with the answer cue)."""
-    return (
-        HEADER.format(subject=subject_zh)
-        + "".join(format_question(shot, include_answer=True) for shot in shots)
-        + format_question(item, include_answer=False)
-    )
+def item_prompts(items: Sequence[Item], subjects: Sequence[Subject], num_shots: int,
+                 shots: Mapping[str, Sequence[Item]] | None = None) -> list[str]:
+    """Each item's exam prompt (header, ``num_shots`` answered shots of its subject, the
+    question), before any chat template."""
+    by_name = {s.name: s for s in subjects}
+    out = []
+    for item in items:
+        if item.subject not in by_name:
+            raise ValueError(f"{item.source}:{item.line}: subject {item.subject!r} not in subjects")
+        pool = (shots or {}).get(item.subject, [])
+        out.append(build_prompt(by_name[item.subject].name_zh, item, select_shots(item, pool, num_shots)))
+    return out
 
 
 def chat_prompt(tokenizer: Any, prompt_text: str) -> str:

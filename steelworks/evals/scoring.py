@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from steelworks.data.benchmarks import LETTERS, Item, Subject
 from steelworks.evals.config import EvalConfig
-from steelworks.evals.prompts import build_prompt, chat_prompt
+from steelworks.evals.prompts import chat_prompt, item_prompts
 
 log = logging.getLogger(__name__)
 
@@ -243,31 +243,14 @@ def _suffix_batch(model: Any, prefix_cache: Any, suffixes: list[tuple[int, ...]]
             for r, (suffix, n) in enumerate(zip(suffixes, need, strict=True))]
 
 
-def select_shots(item: Item, pool: Sequence[Item], num_shots: int) -> list[Item]:
-    """The first ``num_shots`` of ``pool`` (C-Eval's fixed dev shots), never the item itself."""
-    if num_shots == 0:
-        return []
-    candidates = [s for s in pool if not (s.source == item.source and s.id == item.id)]
-    if len(candidates) < num_shots:
-        raise ValueError(
-            f"subject {item.subject!r}: {num_shots} shots requested but only "
-            f"{len(candidates)} dev item(s) available"
-        )
-    return candidates[:num_shots]
-
-
 def build_requests(tokenizer: Any, items: Sequence[Item], subjects: Sequence[Subject], cfg: EvalConfig,
                    shots: Mapping[str, Sequence[Item]] | None = None) -> tuple[list[str], list[list[str]]]:
     """Each item's context (prompt, chat-wrapped when ``cfg.chat``) and the four continuations
     to score after it (letters, or option texts). Shared by every backend."""
-    by_name = {s.name: s for s in subjects}
-    contexts, continuations = [], []
+    contexts = [chat_prompt(tokenizer, p) if cfg.chat else p
+                for p in item_prompts(items, subjects, cfg.num_shots, shots)]
+    continuations = []
     for item in items:
-        if item.subject not in by_name:
-            raise ValueError(f"{item.source}:{item.line}: subject {item.subject!r} not in subjects")
-        pool = (shots or {}).get(item.subject, [])
-        prompt = build_prompt(by_name[item.subject].name_zh, item, select_shots(item, pool, cfg.num_shots))
-        contexts.append(chat_prompt(tokenizer, prompt) if cfg.chat else prompt)
         if cfg.scoring == "letter":
             continuations.append(list(LETTERS))
         else:
