@@ -255,7 +255,7 @@ def test_queue_full_partway_cancels_what_started(served_engine: Engine) -> None:
 def test_merged_streams_stop_together_when_the_client_goes(served_engine: Engine) -> None:
     import asyncio
 
-    from steelworks.serve.app import _merged
+    from steelworks.serve.routes.streaming import _merged
 
     class GoneRequest:  # the client hangs up after the first delta
         async def is_disconnected(self) -> bool:

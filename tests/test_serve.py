@@ -14,8 +14,9 @@ from fastapi.testclient import TestClient
 
 from steelworks.inference.engine import Engine
 from steelworks.inference.sampling import PromptTooLongError, SamplingParams
-from steelworks.serve.app import _deltas, build_app
+from steelworks.serve.app import build_app
 from steelworks.serve.config import ServeConfig
+from steelworks.serve.routes.streaming import _deltas
 
 KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}

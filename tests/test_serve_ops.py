@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 
 from steelworks.inference.engine import Engine
 from steelworks.inference.sampling import SamplingParams
-from steelworks.serve.app import _deltas, build_app
+from steelworks.serve.app import build_app
 from steelworks.serve.config import ServeConfig
+from steelworks.serve.routes.streaming import _deltas
 
 KEY = "sk-ops"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -141,7 +142,7 @@ def test_eval_endpoint_sync_and_job(client, engine, mini_ceval_dir):
     assert r.status_code == 400 and "mini" in r.json()["error"]["message"]
     assert client.post("/v1/evals", json={"benchmark": "mini"}).status_code == 401
     # above the synchronous limit the endpoint answers 202 with a job to poll
-    client.app.state.config.eval_sync_items = 0
+    client.app.state.serve.config.eval_sync_items = 0
     try:
         r = client.post("/v1/evals", headers=AUTH, json={"benchmark": "mini", "max_items": 1})
         assert r.status_code == 202
@@ -153,7 +154,7 @@ def test_eval_endpoint_sync_and_job(client, engine, mini_ceval_dir):
         assert job["status"] == "completed" and job["report"]["n"] >= 1
         assert client.get("/v1/evals/eval-missing", headers=AUTH).status_code == 404
     finally:
-        client.app.state.config.eval_sync_items = 200
+        client.app.state.serve.config.eval_sync_items = 200
 
 
 def test_waker_sets_every_event_with_one_loop_call_per_burst() -> None:
@@ -162,7 +163,7 @@ def test_waker_sets_every_event_with_one_loop_call_per_burst() -> None:
     import asyncio
     import threading
 
-    from steelworks.serve.app import _waker
+    from steelworks.serve.routes.streaming import _waker
 
     async def main() -> tuple[int, int]:
         loop = asyncio.get_running_loop()

@@ -5,7 +5,7 @@ its own engine-core process) on a private event loop in a daemon thread, and tur
 outputs into the same per-request events the built-in scheduler produces (``TokenEvent``,
 ``Finished`` on a ``Request``'s queue). ``GenerationStream`` then does what it does for the
 built-in engine: incremental detokenization, stop strings, cancellation. So every route,
-error body, metric, auth rule, backpressure rule and disconnect rule of app.py is the same
+error body, metric, auth rule, backpressure rule and disconnect rule of serve/ is the same
 code for both engines; only the token source differs.
 
 Choices that keep the two engines interchangeable:

@@ -2,9 +2,9 @@
 
 Ray 2.60's ``serve.ingress()`` with no argument defers the app to replica start: the class's
 ``__serve_build_asgi_app__`` runs after ``__init__`` and returns the ASGI app. That lets the
-app close over the replica's engine, so the routes exist once (app.py) for plain uvicorn,
-TestClient and Serve alike; the older ``@serve.ingress(app)`` style would need the routes to
-be methods of the deployment class.
+app hold the replica's engine, so the routes exist once (serve/routes/, assembled by
+app.py's ``build_app``) for plain uvicorn, TestClient and Serve alike; the older
+``@serve.ingress(app)`` style would need the routes to be methods of the deployment class.
 """
 
 from __future__ import annotations
