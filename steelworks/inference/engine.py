@@ -5,7 +5,7 @@ incremental detokenization that never splits a character.
 documents the batched cache) decodes all running sequences together, one token per step,
 letting requests join and leave between steps. Each request's tokens reach its
 ``GenerationStream``, which turns them into text deltas in the consumer's thread. Chat
-serving and evaluation both go through this engine (DESIGN principle 10).
+serving and evaluation both go through this engine (docs/architecture.md, principle 10).
 """
 
 from __future__ import annotations

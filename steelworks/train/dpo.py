@@ -3,7 +3,7 @@
 Direct Preference Optimization (Rafailov et al. 2023) trains a policy on (prompt, chosen,
 rejected) triples against a frozen reference model, with no reward model and no sampling:
 the loss depends only on four summed log-probabilities per pair. These are pure functions of
-tensors, so the train loop (one loop for pretrain/SFT/DPO, DESIGN.md principle 10) decides
+tensors, so the train loop (one loop for pretrain/SFT/DPO, docs/architecture.md principle 10) decides
 how it batches the chosen and rejected sequences and where the reference log-probs come from
 (a frozen copy, or precomputed once).
 

@@ -1,7 +1,7 @@
 """Model registry: named sizes of our decoder (``train/model.py``, the Qwen2 and Llama
 families), as our config (``decoder_config``) or as the equivalent ``transformers`` config.
 
-Only architecture lives here (DESIGN principle 2): sharding, checkpointing, compilation
+Only architecture lives here (docs/architecture.md, principle 2): sharding, checkpointing, compilation
 and kernel patching are functions applied to the model elsewhere.
 """
 
