@@ -128,3 +128,34 @@ def test_stage_configs_do_not_import_torch():
             "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _modules() -> dict[str, list[str]]:
+    """package -> its module names (subpackages' modules as ``routes/openai``), no __init__."""
+    out: dict[str, list[str]] = {}
+    for pkg in sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").exists()):
+        out[pkg.name] = sorted(f.relative_to(pkg).with_suffix("").as_posix()
+                               for f in pkg.rglob("*.py") if f.name != "__init__.py")
+    return out
+
+
+@pytest.mark.parametrize(("doc", "section"), [("README.md", "## Layout"),
+                                              ("docs/architecture.md", "## What each package owns")])
+def test_layout_docs_name_every_module(doc, section):
+    """README's layout section and docs/architecture.md describe the tree as it is: each
+    package has an entry (``  core/ ...`` in README's block, ``- **core/**:`` in the
+    architecture page) that names every module in it, and no entry is for a package that
+    does not exist."""
+    import re
+
+    text = (PACKAGE.parent / doc).read_text(encoding="utf-8")
+    text = text[text.index(section):]
+    text = text[:text.find("\n## ", 5) if "\n## " in text[5:] else len(text)]
+    starts = list(re.finditer(r"^(?:- \*\*|  )(\w+)/", text, flags=re.MULTILINE))
+    entries = {m.group(1): text[m.start():(starts[i + 1].start() if i + 1 < len(starts) else len(text))]
+               for i, m in enumerate(starts)}
+    modules = _modules()
+    assert set(entries) == set(modules), f"{doc}: entries {sorted(entries)}, packages {sorted(modules)}"
+    missing = [f"{pkg}/{m}" for pkg, ms in modules.items() for m in ms
+               if not re.search(rf"\b{re.escape(m.split('/')[-1])}\b", entries[pkg])]
+    assert not missing, f"{doc} does not name: {missing}"

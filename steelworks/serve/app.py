@@ -1,7 +1,8 @@
-"""OpenAI-compatible HTTP API over an ``Engine``. ``build_app`` assembles the FastAPI app:
-its per-app state, middlewares, error handlers, and the routers of serve/routes/ (one per
-concern: ops, page, docs, openai, evals). The same app runs under plain uvicorn, FastAPI's
-TestClient and Ray Serve (deployment.py), so it is built only here.
+"""OpenAI-compatible HTTP API over an engine (``inference.EngineBase``: built-in or vLLM).
+``build_app`` assembles the FastAPI app: its per-app state, middlewares, error handlers, and
+the routers of serve/routes/ (one per concern: ops, page, docs, openai, evals). The same app
+runs under plain uvicorn, FastAPI's TestClient and Ray Serve (deployment.py), so it is built
+only here.
 
 Errors always carry OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; bad
 input is a 4xx, never a 500.
@@ -17,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from steelworks.inference.engine import Engine
+from steelworks.inference.engine import EngineBase
 from steelworks.inference.sampling import InvalidTextError
 from steelworks.inference.scheduler import QueueFullError
 from steelworks.serve.config import ServeConfig
@@ -68,7 +69,7 @@ ERROR_HANDLERS = {APIError: _api_error, QueueFullError: _busy, InvalidTextError:
                   Exception: _internal}
 
 
-def build_app(engine: Engine, config: ServeConfig) -> FastAPI:
+def build_app(engine: EngineBase, config: ServeConfig) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``config`` (name, API key, default length)."""
     model_name = config.model_name or engine.name
     # FastAPI's /docs, /redoc and /openapi.json are public; ours (routes/docs.py) take the key.

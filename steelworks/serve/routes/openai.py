@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from steelworks.inference.engine import Engine, EngineBase, GenerationStream, PromptLogprobs
+from steelworks.inference.engine import EngineBase, GenerationStream, PromptLogprobs
 from steelworks.inference.sampling import PromptTooLongError, SamplingParams
 from steelworks.inference.scheduler import QueueFullError
 from steelworks.serve.protocol import (
@@ -59,7 +59,7 @@ def _sampling(state: ServeState, req: SamplingRequest, prompt_tokens: int,
         raise APIError(400, str(e), param=str(e).split()[0], code="invalid_value") from e
 
 
-def _start(engine: Engine, prompt_ids: list[int], params: SamplingParams, param: str
+def _start(engine: EngineBase, prompt_ids: list[int], params: SamplingParams, param: str
            ) -> GenerationStream:
     try:
         return engine.stream(prompt_ids, params)
@@ -72,7 +72,7 @@ def _start(engine: Engine, prompt_ids: list[int], params: SamplingParams, param:
                        code="server_busy") from e
 
 
-def _logprobs_body(engine: Engine, ids: list[int], logprobs: list[float | None],
+def _logprobs_body(engine: EngineBase, ids: list[int], logprobs: list[float | None],
                    tops: list[dict[int, float] | None]) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object: tokens as text, their logprobs, the top
     alternatives per position (the chosen token always among them, as vLLM does) and each
@@ -94,7 +94,7 @@ def _logprobs_body(engine: Engine, ids: list[int], logprobs: list[float | None],
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top_out, "text_offset": offsets}
 
 
-def _prompt_cap(engine: Engine) -> int:
+def _prompt_cap(engine: EngineBase) -> int:
     """MAX_PROMPTS, or fewer: what the engine can hold at once (see MAX_PROMPTS)."""
     stats = engine.stats()
     room = int(stats.get("max_batch_size", 0)) + int(stats.get("max_queue", 0))
@@ -218,7 +218,7 @@ def _plan(state: ServeState, req: CompletionRequest, all_ids: list[list[int]]
     return params
 
 
-async def _score_prompts(engine: Engine, req: CompletionRequest, all_ids: list[list[int]],
+async def _score_prompts(engine: EngineBase, req: CompletionRequest, all_ids: list[list[int]],
                          request: Request) -> list[PromptLogprobs | None]:
     """The prompts' own logprobs, for echo with logprobs (else all None)."""
     prompt_lps: list[PromptLogprobs | None] = [None] * len(all_ids)
@@ -235,7 +235,7 @@ async def _score_prompts(engine: Engine, req: CompletionRequest, all_ids: list[l
     return prompt_lps
 
 
-def _start_all(engine: Engine, all_ids: list[list[int]], params: list[SamplingParams]
+def _start_all(engine: EngineBase, all_ids: list[list[int]], params: list[SamplingParams]
                ) -> list[GenerationStream]:
     """One generation per planned prompt, all or none: a refusal cancels those started."""
     streams: list[GenerationStream] = []

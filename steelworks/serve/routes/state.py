@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from steelworks.inference.engine import Engine
+from steelworks.inference.engine import EngineBase
 from steelworks.serve.config import ServeConfig
 from steelworks.serve.metrics import ServeMetrics
 from steelworks.serve.protocol import APIError
@@ -51,7 +51,7 @@ class JobTable:
 class ServeState:
     """What every route of one app shares: built once by ``build_app``."""
 
-    engine: Engine  # or any engine with its public API (the vLLM one): routes use nothing else
+    engine: EngineBase  # the built-in or the vLLM engine: routes use only EngineBase's API
     config: ServeConfig
     metrics: ServeMetrics
     model_name: str  # the id in /v1/models: config.model_name, else the engine's name
