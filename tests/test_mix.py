@@ -264,3 +264,36 @@ def test_upsample_repeats_scarce_sources_far_apart(ray_local, tiny_tokenizer_dir
     assert sum(len(seen.get(i, [])) for i in small_ids) >= 30  # most of the 40 copies found
     for rs in seen.values():
         assert all(d >= len(rows) // 16 for d in np.diff(rs)), rs
+
+
+@pytest.mark.ray
+def test_shards_do_not_depend_on_the_cluster_size(ray_local, tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """Each block packs its own rows, so the block count decides which documents share a row.
+    It was twice the cluster's CPUs: the same data packed on a 2-node cluster gave other shards
+    (and another model) than on one node. Packing must see only the data."""
+    import hashlib
+
+    import ray
+
+    from steelworks.data.pack import PACK_DOCS_PER_BATCH, pack_pretrain
+    from steelworks.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    # More documents than one task packs (PACK_DOCS_PER_BATCH): a corpus that fits one batch
+    # packs the same whatever the blocks.
+    n = 3 * PACK_DOCS_PER_BATCH
+    many = tmp_path / "clean-0.parquet"
+    pd.DataFrame({"source": "big", "path": "/corpus/big.jsonl", "line": range(n),
+                  "text": [f"qz{i}qz " + " ".join([FILLER] * (1 + i % 3)) for i in range(n)]}
+                 ).to_parquet(many)
+    real = ray.cluster_resources
+    digests = []
+    for cpus in (4, 64):  # this session's local cluster, and a cluster 16 times its size
+        monkeypatch.setattr(ray, "cluster_resources", lambda c=cpus: {**real(), "CPU": float(c)})
+        out = tmp_path / f"cpus{cpus}"
+        pack_pretrain([many], tiny_tokenizer_dir, out, seq_len=64, rows_per_shard=100_000,
+                      vocab_size=len(tok), pad_id=tok.pad_token_id)
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        assert files, sorted(out.rglob("*"))
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    assert digests[0] == digests[1]

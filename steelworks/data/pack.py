@@ -456,13 +456,21 @@ def _write(ds, out_dir: Path, vocab_size: int, rows_per_shard: int) -> list[Shar
                          for k, v in r.items() if k != "first_row"}) for r in meta]
 
 
-def _read_blocks(files: list[Path]) -> int:
-    """Blocks to tokenize: enough for every CPU to work in parallel (one per ~16 MB of
-    cleaned text, at least two per CPU)."""
-    import ray
+# Blocks the cleaned text is split into for tokenizing and packing. Documents are packed
+# within a batch, and the batches follow the blocks, so the block count decides which
+# documents share a row and which tail tokens are dropped: it must depend on the data only.
+# It was twice the cluster's CPUs, and the same data then gave other shards (and another
+# model) on a 2-node cluster than on one node. 8 keeps a node's CPUs busy on small inputs
+# (and equals what the one-node local cluster of `make demo` used, so its figures stand);
+# past 128 MB of text, one block per 16 MB spreads over any cluster.
+MIN_PACK_BLOCKS = 8
+PACK_BLOCK_BYTES = 16 << 20
 
+
+def _read_blocks(files: list[Path]) -> int:
+    """Blocks to tokenize: a function of the cleaned text's size alone (see above)."""
     size = sum(f.stat().st_size for f in files)
-    return max(2 * int(ray.cluster_resources().get("CPU", 1)), size // (16 << 20), 1)
+    return max(MIN_PACK_BLOCKS, size // PACK_BLOCK_BYTES)
 
 
 def pack_pretrain(clean_files: list[Path], tokenizer_dir: Path, out_dir: Path, seq_len: int,
