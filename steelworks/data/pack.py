@@ -456,15 +456,10 @@ def _write(ds, out_dir: Path, vocab_size: int, rows_per_shard: int) -> list[Shar
                          for k, v in r.items() if k != "first_row"}) for r in meta]
 
 
-# Blocks the cleaned text is split into for tokenizing and packing. Documents are packed
-# within a batch, and the batches follow the blocks, so the block count decides which
-# documents share a row and which tail tokens are dropped: it must depend on the data only.
-# It was twice the cluster's CPUs, and the same data then gave other shards (and another
-# model) on a 2-node cluster than on one node. 8 keeps a node's CPUs busy on small inputs
-# (and equals what the one-node local cluster of `make demo` used, so its figures stand);
-# past 128 MB of text, one block per 16 MB spreads over any cluster.
-MIN_PACK_BLOCKS = 8
-PACK_BLOCK_BYTES = 16 << 20
+# Blocks of cleaned text to pack. Documents are packed within a batch and batches follow
+# blocks, so the count decides which documents share a row: it follows the data, never the
+# cluster (2 x CPUs gave other shards on 2 nodes). 8 is what `make demo`'s cluster used.
+MIN_PACK_BLOCKS, PACK_BLOCK_BYTES = 8, 16 << 20
 
 
 def _read_blocks(files: list[Path]) -> int:
@@ -488,10 +483,7 @@ def pack_pretrain(clean_files: list[Path], tokenizer_dir: Path, out_dir: Path, s
 
     mix = mix or MixConfig()
     data_context()
-    # Re-block after reading: a cleaned shard is one block, and the tokenizing map would
-    # otherwise fuse with the read into one task per shard (no parallelism with 1-2 shards).
-    # Split into blocks after reading: Ray reads small shards into one block, and one block
-    # is tokenized by one task, one CPU.
+    # Re-block after reading: Ray reads a small shard into one block, tokenized by one task.
     blocks = _read_blocks(clean_files)
     paths, fs = dataset_paths(clean_files)  # in the bucket, when the run is there
     ds = (ray.data.read_parquet(paths, filesystem=fs)
